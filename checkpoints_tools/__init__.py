@@ -1,0 +1,1 @@
+"""Sharded checkpoint <-> Hugging Face conversion and resharding (later issues)."""

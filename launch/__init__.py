@@ -1,0 +1,1 @@
+"""FLOPs accounting, sweep planning, launchers, scaling fits, and the `dlm` command."""

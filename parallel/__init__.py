@@ -1,0 +1,1 @@
+"""Process groups and the tensor/pipeline-parallel DiT transformer (issue 3 onward)."""

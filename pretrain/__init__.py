@@ -1,0 +1,1 @@
+"""Objectives, fused kernels, the training loop, sampling and evaluation (issue 3 onward)."""
