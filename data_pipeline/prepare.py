@@ -120,7 +120,7 @@ def _get_tokenizer(cfg: PrepareConfig, slices: Sequence[Slice]) -> Tokenizer:
     if cfg.tokenizer is not None:
         return Tokenizer.load(cfg.tokenizer)
     log.info("training a %d-piece tokenizer on the corpus", cfg.vocab_size)
-    return train_tokenizer(_training_lines(slices, cfg), cfg.vocab_size, cfg.workers)
+    return train_tokenizer(_training_lines(slices, cfg), cfg.vocab_size)
 
 
 def _training_lines(slices: Sequence[Slice], cfg: PrepareConfig) -> Iterator[str]:

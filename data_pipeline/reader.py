@@ -216,7 +216,7 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`; re-split the remaining epoch if it was saved under another layout."""
+        """Continue from `state`; under another layout, re-split what the epoch has left."""
         if state.get("version") != STATE_VERSION:
             raise DataError(f"reader state version {state.get('version')} is not {STATE_VERSION}")
         if state["num_sequences"] != self.num_sequences or state["seed"] != self.seed:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_pipeline.manifest import Manifest, ShardInfo, load_manifest
 from dlm_errors import DataError
@@ -118,7 +118,9 @@ def _parse(path: Path, data: bytes, expected: int, manifest: Manifest) -> list:
     seq_bytes = manifest.seq_len * manifest.np_dtype.itemsize
     samples = []
     try:
-        for i, sample in enumerate(group_by_keys(tar_file_iterator(io.BytesIO(data)))):
+        for i, sample in enumerate(
+            group_by_keys(tar_file_expander([{"stream": io.BytesIO(data), "url": str(path)}]))
+        ):
             tokens, starts = sample.get(TOKENS), sample.get(DOC_STARTS)
             if sample["__key__"] != f"{i:08d}" or tokens is None or len(tokens) != seq_bytes:
                 raise DataError(f"shard {path}: sample {i} is malformed; re-run `dlm prepare`")

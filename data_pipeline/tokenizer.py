@@ -18,6 +18,8 @@ import sentencepiece as spm
 from dlm_errors import DataError
 
 MASK_PIECES = ("<mask>", "[MASK]", "<|mask|>")
+# sentencepiece's result depends on its thread count: fixed, so --workers never changes the model.
+TRAIN_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class Tokenizer:
         }
 
 
-def train_tokenizer(lines: Iterator[str], vocab_size: int, threads: int) -> Tokenizer:
+def train_tokenizer(lines: Iterator[str], vocab_size: int) -> Tokenizer:
     """Train a byte-fallback BPE model that reproduces any text exactly (decode(encode(x)) == x).
 
     Identity normalisation and no dummy prefix keep code and whitespace intact; newline and
@@ -124,7 +126,7 @@ def train_tokenizer(lines: Iterator[str], vocab_size: int, threads: int) -> Toke
             eos_id=2,
             pad_id=3,
             max_sentence_length=16384,
-            num_threads=threads,
+            num_threads=TRAIN_THREADS,
             minloglevel=2,
         )
     except RuntimeError as e:

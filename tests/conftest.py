@@ -1,0 +1,60 @@
+"""Small corpora and prepared datasets the tests build for themselves."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import PrepareConfig, prepare_dataset
+
+WORDS = (
+    "the a model token diffusion mask noise loss train data shard epoch rank batch step "
+    "sample uniform absorb schedule alpha sigma gradient parallel tensor pipeline kernel "
+    "def return import class self for in if else while 0 1 2 3 42 7 x y z ( ) : = + - * ,"
+).split()
+
+
+def random_documents(n: int, seed: int, min_words: int = 5, max_words: int = 300) -> list[str]:
+    """Documents of random words and line breaks; fresh per seed, never empty."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+        lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+        docs.append("\n".join(lines))
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps({field: d, "id": hash(d) % 1000}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_docs() -> list[str]:
+    return random_documents(600, seed=1234)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, corpus_docs) -> Path:
+    """A prepared dataset: ~1k train sequences of 64 tokens in shards of 40."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_jsonl(root / "docs.jsonl", corpus_docs)
+    out = root / "ds"
+    prepare_dataset(
+        PrepareConfig(
+            out=str(out),
+            corpus=(str(root / "docs.jsonl"),),
+            vocab_size=400,
+            seq_len=64,
+            shard_size=40,
+            val_fraction=0.1,
+            workers=1,
+        )
+    )
+    return out

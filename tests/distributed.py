@@ -1,0 +1,36 @@
+"""Run a function in N processes joined by a gloo process group, on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args) -> None:
+    """Call fn(rank, world_size, *args) on each rank of a gloo group.
+
+    A failure re-raises here with the failing rank and its traceback (torch's
+    ProcessRaisedException names the process). fn must be a module-level function.
+    """
+    mp.start_processes(
+        _entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, start_method="spawn"
+    )
