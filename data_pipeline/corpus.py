@@ -14,7 +14,6 @@ import os
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -65,13 +64,12 @@ class ReadCounts:
 
 def default_corpus_files() -> list[str]:
     """The running Python's standard library source: text every machine has."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p
-        for p in stdlib.rglob("*.py")
-        if not {"site-packages", "dist-packages"} & set(p.relative_to(stdlib).parts)
-    ]
-    return sorted(str(p) for p in files)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, subfolders, names in os.walk(stdlib):
+        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "dist-packages")]
+        files.extend(os.path.join(folder, n) for n in names if n.endswith(".py"))
+    return sorted(files)
 
 
 def resolve_corpus(patterns: Sequence[str]) -> list[str]:

@@ -49,7 +49,7 @@ TASK_BYTES = (
 
 
 @dataclass
-class _TaskResult:
+class TaskResult:
     """Tokenized documents of one task, per split: concatenated ids and per-document lengths."""
 
     tokens: dict[str, np.ndarray]
@@ -72,7 +72,7 @@ def prepare_dataset(cfg: PrepareConfig) -> Manifest:
     writers = {s: ShardWriter(out, s, cfg.shard_size, dtype) for s in SPLITS}
     counts = ReadCounts()
     progress = Progress(sum(s.size_bytes for s in slices), "tokenizing")
-    for result in _tokenize(_group(slices), cfg, tokenizer.model_bytes):
+    for result in tokenize_corpus(slices, cfg, tokenizer):
         counts.add(result.counts)
         for split in SPLITS:
             docs = np.split(result.tokens[split], np.cumsum(result.lengths[split])[:-1])
@@ -146,20 +146,22 @@ def _group(slices: Sequence[Slice]) -> list[list[Slice]]:
     return tasks
 
 
-def _tokenize(
-    tasks: list[list[Slice]], cfg: PrepareConfig, model_bytes: bytes
-) -> Iterator[_TaskResult]:
-    """Task results in task order, computed in `cfg.workers` processes (in-process for 1)."""
-    args = [(task, cfg, model_bytes) for task in tasks]
+def tokenize_corpus(
+    slices: Sequence[Slice], cfg: PrepareConfig, tokenizer: Tokenizer
+) -> Iterator[TaskResult]:
+    """Tokenized documents in corpus order, computed in `cfg.workers` processes (in-process
+    for 1), split into train and val by document hash."""
+    args = [(task, cfg, tokenizer.model_bytes) for task in _group(slices)]
     if cfg.workers == 1:
         yield from map(_tokenize_task, args)
         return
-    # spawn, not fork: sentencepiece keeps threads that a forked child must not inherit.
-    with multiprocessing.get_context("spawn").Pool(cfg.workers) as pool:
+    # fork: workers start in milliseconds with every module imported. No thread runs at this
+    # point (sentencepiece's trainer has joined its threads), so forking is safe.
+    with multiprocessing.get_context("fork").Pool(cfg.workers) as pool:
         yield from pool.imap(_tokenize_task, args)
 
 
-def _tokenize_task(args: tuple[list[Slice], PrepareConfig, bytes]) -> _TaskResult:
+def _tokenize_task(args: tuple[list[Slice], PrepareConfig, bytes]) -> TaskResult:
     task, cfg, model_bytes = args
     tokenizer = Tokenizer(model_bytes)  # a few ms; keeps workers free of global state
     counts = ReadCounts()
@@ -175,7 +177,7 @@ def _tokenize_task(args: tuple[list[Slice], PrepareConfig, bytes]) -> _TaskResul
         picked = [ids[i] for i in np.flatnonzero(chosen)]
         lengths[split] = np.array([len(x) for x in picked], dtype=np.int64)
         tokens[split] = np.concatenate(picked) if picked else np.empty(0, np.int32)
-    return _TaskResult(tokens, lengths, counts, sum(p.size_bytes for p in task))
+    return TaskResult(tokens, lengths, counts, sum(p.size_bytes for p in task))
 
 
 def _is_val(doc: str, val_fraction: float) -> bool:

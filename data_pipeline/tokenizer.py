@@ -70,8 +70,13 @@ class Tokenizer:
         return pid != self.sp.unk_id() and self.sp.id_to_piece(pid) == piece
 
     def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each text, without BOS/EOS. [n texts] -> n x [tokens] int32"""
-        return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(list(texts))]
+        """Token ids of each text, without BOS/EOS. [n texts] -> n x [tokens] int32
+
+        One thread: parallelism comes from worker processes (sentencepiece would otherwise
+        start a thread per core in every worker and oversubscribe the machine).
+        """
+        ids = self.sp.encode(list(texts), num_threads=1)
+        return [np.asarray(x, dtype=np.int32) for x in ids]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; the mask, when appended, and other specials decode as pieces."""

@@ -10,11 +10,11 @@ import pytest
 
 from data_pipeline import PrepareConfig, prepare_dataset
 
-WORDS = (
-    "the a model token diffusion mask noise loss train data shard epoch rank batch step "
-    "sample uniform absorb schedule alpha sigma gradient parallel tensor pipeline kernel "
-    "def return import class self for in if else while 0 1 2 3 42 7 x y z ( ) : = + - * ,"
-).split()
+WORDS = tuple(
+    "the a model token diffusion mask noise loss train data shard epoch rank batch step sample "
+    "uniform absorb schedule alpha sigma gradient parallel tensor pipeline kernel def return "
+    "import class self for in if else while 0 1 2 3 42 7 x y z ( ) : = + - * ,".split(" ")
+)
 
 
 def random_documents(n: int, seed: int, min_words: int = 5, max_words: int = 300) -> list[str]:

@@ -1,4 +1,4 @@
-"""Bad input fails early with a message naming the problem and the fix, or is skipped and counted."""
+"""Bad input fails early, naming the problem and the fix, or is skipped and counted."""
 
 from __future__ import annotations
 
@@ -141,8 +141,9 @@ def test_killed_prepare_leaves_no_dataset_and_a_rerun_cleans_up(tmp_path, datase
     out = tmp_path / "out"
     shutil.copytree(dataset, out)  # an older finished dataset in the same place
     (out / "train/shard-999999.tar").write_bytes(b"stale")
-    cmd = [sys.executable, "-m", "launch.cli", "prepare", "--out", str(out), "--corpus", str(corpus),
-           "--vocab-size", "400", "--seq-len", "64", "--shard-size", "50", "--workers", "1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "launch.cli", "prepare", "--out", str(out),
+           "--corpus", str(corpus), "--vocab-size", "400", "--seq-len", "64",
+           "--shard-size", "50", "--workers", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(out.glob("train/*.tar.tmp")) and time.time() < deadline:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import sentencepiece as spm
 from conftest import random_documents, write_jsonl
 
