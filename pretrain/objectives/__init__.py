@@ -1,0 +1,12 @@
+"""The objectives, one module each with the same functions (STYLE.md §10):
+
+noise(x0, t, sample_ids, seed, vocab) -> xt           corruption, keyed by sample and position
+time_input(t) -> s                                    the scalar the adaLN conditioning sees
+per_token_loss(logits, x0, xt, t, vocab) -> [B, L]    the training loss per token, float32
+validation_loss(logits, x0, xt, t, vocab) -> [B, L]   the ELBO (exact NLL for AR)
+CAUSAL                                                the attention pattern
+"""
+
+from pretrain.objectives import ar, duo, mdlm
+
+OBJECTIVES = {"ar": ar, "mdlm": mdlm, "duo": duo}

@@ -1,0 +1,32 @@
+"""Autoregressive next-token prediction (ALGORITHMS.md §3.5, §4.7): causal, no noise, s = 0.
+
+The model sees all L tokens; position l predicts x0[l + 1], so L - 1 tokens are scored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pretrain.objectives.reductions import log_prob_at
+from pretrain.objectives.vocab import Vocab
+
+CAUSAL = True
+
+
+def noise(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab) -> Tensor:
+    """AR has no noise: xt = x0. x0 [B, L] int64 -> [B, L] int64"""
+    return x0
+
+
+def time_input(t: Tensor) -> Tensor:
+    """The conditioning scalar s: constant 0 (the adaLN parameters still exist, P21)."""
+    return torch.zeros_like(t)
+
+
+def per_token_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:
+    """Next-token NLL. logits [B, L, V] bf16|f32; x0, xt [B, L] int64; t [B] -> [B, L-1] f32"""
+    return -log_prob_at(logits[:, :-1], vocab.real, x0[:, 1:])
+
+
+validation_loss = per_token_loss  # exact NLL

@@ -1,0 +1,75 @@
+"""Uniform-state diffusion, Duo (ALGORITHMS.md §3.2, §4.3): bidirectional, s = sigma_t.
+
+The continuous-time ELBO of the uniform-state process over the K real ids. The compact form
+of §4.3 subtracts large terms that cancel: of order (K/t) log(K/t) at small t (pitfall P13),
+and of order r at large t. Substituting x̄_θ,j = (1 - alpha)(1 + r x̂_j), r = K alpha / (1 - alpha),
+and grouping the terms that cancel into functions that are small where their arguments are,
+
+    g(y) = log1p(y) - y,   h(y) = y / (1 + y) - log1p(y),   m(r) = (1 + r) log1p(r) - r,
+    D = sum_j g(r x̂_j)  (the only vocabulary-wide sum),   λ_v = log1p(r x̂_v),
+
+    x != z:  B = K h(r x̂_z) / (1 - alpha) - m(r) + r λ_x + D
+    x == z:  B = K (1/(1 + r) - 1/(1 + r x̂_x)) / (1 - alpha)
+                 + ((K - 1) log1p(r) - K λ_x + r + D) / (1 + r)
+    loss = alpha' / (K alpha) * B
+
+The per-token algebra and D run in float64 (D as a [B, L, V] float64 temporary: the fused
+kernels of issue 6 remove it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pretrain.objectives.corruption import corrupted, corruption_words
+from pretrain.objectives.randomness import below
+from pretrain.objectives.reductions import real_logits
+from pretrain.objectives.schedule import alpha, alpha_prime, sigma
+from pretrain.objectives.vocab import Vocab
+
+CAUSAL = False
+
+
+def noise(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab) -> Tensor:
+    """With probability 1 - alpha_t replace a token by a uniform real id (possibly itself).
+
+    x0 [B, L] int64, t [B] -> xt [B, L] int64
+    """
+    w0, w1 = corruption_words(seed, sample_ids, x0.shape[1])
+    replacement = vocab.real_ids.to(x0.device)[below(w1, vocab.num_real)]
+    return torch.where(corrupted(w0, alpha(t)), replacement, x0)
+
+
+def time_input(t: Tensor) -> Tensor:
+    """Duo is conditioned on sigma_t = -log alpha_t."""
+    return sigma(t)
+
+
+def per_token_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:
+    """Uniform-state ELBO per token. x0 must hold real ids.
+
+    logits [B, L, V] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32
+    """
+    k = vocab.num_real
+    a = alpha(t.double()).unsqueeze(1)  # [B, 1] f64
+    r = k * a / (1 - a)
+    masked = real_logits(logits, vocab.real)
+    log_p = masked - torch.logsumexp(masked, dim=-1, keepdim=True)  # [B, L, V] f32
+    y = r.unsqueeze(-1) * log_p.double().exp()
+    d = (torch.log1p(y) - y).sum(-1)  # D [B, L]
+    p_x = log_p.gather(-1, x0.unsqueeze(-1)).squeeze(-1).double().exp()
+    p_z = log_p.gather(-1, xt.unsqueeze(-1)).squeeze(-1).double().exp()
+    y_x, y_z = r * p_x, r * p_z
+    log1p_r = torch.log1p(r)
+    h_z = y_z / (1 + y_z) - torch.log1p(y_z)
+    m = (1 + r) * log1p_r - r
+    differ = k * h_z / (1 - a) - m + r * torch.log1p(y_x) + d
+    same = k * (1 / (1 + r) - 1 / (1 + y_x)) / (1 - a) + (
+        (k - 1) * log1p_r - k * torch.log1p(y_x) + r + d
+    ) / (1 + r)
+    bracket = torch.where(x0 == xt, same, differ)
+    return (alpha_prime(t.double()).unsqueeze(1) / (k * a) * bracket).float()
+
+
+validation_loss = per_token_loss

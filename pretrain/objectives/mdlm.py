@@ -1,0 +1,48 @@
+"""Masked (absorbing-state) diffusion, MDLM (ALGORITHMS.md §3.1, §4.2): bidirectional, s = 0.
+
+loss_type "elbo": (1/t) CE on masked tokens, the continuous-time ELBO of the log-linear
+schedule (alpha'_t / (1 - alpha_t) = -1/t exactly). "cross_entropy": the same without 1/t,
+the paper's low-variance training objective. Validation is always the ELBO. Unmasked tokens
+score 0 (carry-over) and the mask id is never predicted (zero-masking).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pretrain.objectives.corruption import corrupted, corruption_words
+from pretrain.objectives.reductions import log_prob_at
+from pretrain.objectives.schedule import alpha
+from pretrain.objectives.vocab import Vocab
+
+CAUSAL = False
+LOSS_TYPES = ("elbo", "cross_entropy")
+
+
+def noise(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab) -> Tensor:
+    """Mask each token with probability 1 - alpha_t. x0 [B, L] int64, t [B] -> xt [B, L] int64"""
+    w0, _ = corruption_words(seed, sample_ids, x0.shape[1])
+    return torch.where(corrupted(w0, alpha(t)), vocab.mask_id, x0)
+
+
+def time_input(t: Tensor) -> Tensor:
+    """MDLM is not time-conditioned: s = 0 (P21)."""
+    return torch.zeros_like(t)
+
+
+def per_token_loss(
+    logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab, loss_type: str = "elbo"
+) -> Tensor:
+    """logits [B, L, V] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32"""
+    masked = xt == vocab.mask_id
+    ce = -log_prob_at(logits, vocab.real, x0)
+    ce = torch.where(masked, ce, torch.zeros_like(ce))  # carry-over: unmasked tokens score 0
+    if loss_type == "elbo":
+        return ce / t.float().unsqueeze(1)
+    return ce
+
+
+def validation_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:
+    """The ELBO, whatever the training loss_type (pitfall P18). -> [B, L] f32"""
+    return per_token_loss(logits, x0, xt, t, vocab, "elbo")

@@ -1,0 +1,37 @@
+"""The log-linear noise schedule and the stratified draw of t (ALGORITHMS.md §2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pretrain.objectives.randomness import STREAM_TIME, philox4x32, row_keys, uniform
+
+EPS = 1e-3  # alpha_1 = EPS and t >= EPS, as the reference (chosen there to match SEDD)
+
+
+def alpha(t: Tensor) -> Tensor:
+    """alpha_t = 1 - (1 - eps) t: the probability a token is still clean. [B] -> [B]"""
+    return 1 - (1 - EPS) * t
+
+
+def alpha_prime(t: Tensor) -> Tensor:
+    """d alpha_t / dt = -(1 - eps), constant. [B] -> [B]"""
+    return torch.full_like(t, -(1 - EPS))
+
+
+def sigma(t: Tensor) -> Tensor:
+    """sigma_t = -log alpha_t, the scalar the time embedding sees (Duo). [B] -> [B]"""
+    return -torch.log(alpha(t))
+
+
+def sample_t(seed: int, step: int, rows: Tensor, global_batch: int) -> Tensor:
+    """Antithetic t for the given rows of a global batch: row p owns stratum [p/G, (p+1)/G).
+
+    A function of (seed, step, p) only, so any split of the global batch over ranks and
+    micro-batches gives each row the same t. rows int64 [b] in [0, G) -> t float32 [b] in [eps, 1)
+    """
+    keys = row_keys(seed, STREAM_TIME, torch.tensor([step]))
+    u = uniform(philox4x32(keys, rows)[0]).double()
+    t = (u + rows.double()) / global_batch
+    return ((1 - EPS) * t + EPS).float()

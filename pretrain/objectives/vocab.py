@@ -1,0 +1,47 @@
+"""Which token ids are real: the support of noise, of predictions and of samples.
+
+The mask id, padding ids and the vocabulary padding added for tensor parallelism are never
+noised to, never predicted and never sampled; Duo's K is the number of real ids (fixes
+pitfall P10 of the reference, whose uniform noise also produced [MASK] and special ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dlm_errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Vocab:
+    size: int  # V: rows of the embedding / columns of the logits, padding included
+    mask_id: int
+    excluded: frozenset[int]  # mask, pad and every other id that never occurs in the data
+
+    @classmethod
+    def build(cls, size: int, mask_id: int, never_in_data: Iterable[int | None] = ()) -> Vocab:
+        excluded = frozenset({mask_id, *(i for i in never_in_data if i is not None)})
+        if not 0 <= mask_id < size or any(not 0 <= i < size for i in excluded):
+            raise ConfigError(f"special ids {sorted(excluded)} must lie in [0, {size})")
+        return cls(size, mask_id, excluded)
+
+    @property
+    def real(self) -> Tensor:
+        """[V] bool: True where an id may be noised to, predicted and sampled."""
+        real = torch.ones(self.size, dtype=torch.bool)
+        real[list(self.excluded)] = False
+        return real
+
+    @property
+    def num_real(self) -> int:
+        """K of the uniform-state process."""
+        return self.size - len(self.excluded)
+
+    @property
+    def real_ids(self) -> Tensor:
+        """[K] int64: the real ids in increasing order (uniform index -> id)."""
+        return torch.nonzero(self.real).flatten()

@@ -1,0 +1,80 @@
+"""Noise is a function of the data, not of the layout; its rates follow alpha_t."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.objectives import OBJECTIVES, duo, mdlm
+from pretrain.objectives.randomness import philox4x32
+from pretrain.objectives.schedule import EPS, alpha, sample_t
+from pretrain.objectives.vocab import Vocab
+
+VOCAB = Vocab.build(300, mask_id=4, never_in_data=(3, 299, 298))
+G, L, SEED, STEP = 16, 64, 1234, 77
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(9)
+    x0 = VOCAB.real_ids[torch.randint(VOCAB.num_real, (G, L), generator=g)]
+    sample_ids = torch.randperm(10_000, generator=g)[:G]
+    return x0, sample_ids
+
+
+def _noised(name: str, dp_size: int, micro: int) -> torch.Tensor:
+    """Split the global batch over dp ranks (contiguous) and micro-batches, noise each piece."""
+    x0, sample_ids = _global_batch()
+    pieces = []
+    per_rank = G // dp_size
+    for rank in range(dp_size):
+        for m in range(per_rank // micro):
+            rows = torch.arange(rank * per_rank + m * micro, rank * per_rank + (m + 1) * micro)
+            t = sample_t(SEED, STEP, rows, G)
+            pieces.append(OBJECTIVES[name].noise(x0[rows], t, sample_ids[rows], SEED, VOCAB))
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("name", ["mdlm", "duo"])
+def test_xt_is_bit_identical_for_any_split(name):
+    reference = _noised(name, 1, G)
+    assert not torch.equal(reference, _global_batch()[0]), "nothing was noised"
+    for dp_size, micro in [(2, 8), (4, 4), (4, 1), (1, 2)]:
+        assert torch.equal(_noised(name, dp_size, micro), reference)
+
+
+def test_t_is_stratified_over_the_global_batch():
+    t = sample_t(SEED, STEP, torch.arange(G), G)
+    u = (t.double() - EPS) / (1 - EPS)
+    strata = torch.floor(u * G).long()
+    assert torch.equal(strata, torch.arange(G))
+    assert not torch.equal(t, sample_t(SEED, STEP + 1, torch.arange(G), G))
+    assert t.min() >= EPS and t.max() < 1
+
+
+@pytest.mark.parametrize("t_value", [0.05, 0.5, 0.95])
+def test_corruption_rates_match_alpha(t_value):
+    """Over 64 x 4096 tokens the corrupted fraction is within 5 standard errors of 1 - alpha_t."""
+    n_rows, length = 64, 4096
+    x0 = VOCAB.real_ids[
+        torch.randint(VOCAB.num_real, (n_rows, length), generator=torch.Generator().manual_seed(1))
+    ]
+    t = torch.full((n_rows,), t_value)
+    ids = torch.arange(n_rows) + 1000
+    p = 1 - alpha(t)[0].item()
+    tolerance = 5 * (p * (1 - p) / x0.numel()) ** 0.5
+    masked = mdlm.noise(x0, t, ids, SEED, VOCAB) == VOCAB.mask_id
+    assert abs(masked.float().mean().item() - p) < tolerance
+    xt = duo.noise(x0, t, ids, SEED, VOCAB)
+    # a replaced token equals the original with probability 1/K
+    k = VOCAB.num_real
+    changed = p * (1 - 1 / k)
+    assert abs((xt != x0).float().mean().item() - changed) < tolerance
+    assert not torch.isin(xt, torch.tensor(sorted(VOCAB.excluded))).any()
+    counts = torch.bincount(xt[xt != x0], minlength=VOCAB.size)[VOCAB.real]
+    assert counts.min() > 0, "uniform noise misses real ids"
+
+
+def test_philox_known_answer():
+    """Philox4x32-10 known-answer vector (Random123: key and counter all zero)."""
+    words = philox4x32(torch.tensor([0]), torch.tensor([0]))
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
