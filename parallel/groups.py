@@ -1,0 +1,102 @@
+"""Process groups and the runtime: the only global state, set up in one place (STYLE.md §9).
+
+Rank layout, tensor fastest, then data, then pipeline: rank = tp + T*dp + T*D*pp. This is
+megatron-core's order (tp-cp-ep-dp-pp with cp = ep = 1) and DeepSpeed's
+PipeModelDataParallelTopology (pipe, data, model with model fastest); start-up checks that
+both agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from dlm_errors import ConfigError
+from parallel.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device, compute dtype and communication backend, decided once."""
+
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+
+    @classmethod
+    def detect(cls, dtype: str | None = None) -> Runtime:
+        """CUDA: nccl and bf16; otherwise cpu, gloo and float32 (or the dtype asked for)."""
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return cls(torch.device("cuda", local_rank), _dtype(dtype or "bfloat16"), "nccl")
+        return cls(torch.device("cpu"), _dtype(dtype or "float32"), "gloo")
+
+
+@dataclass(frozen=True)
+class ProcessGroups:
+    tp_group: ProcessGroup
+    dp_group: ProcessGroup
+    pp_group: ProcessGroup
+    tp_rank: int
+    dp_rank: int
+    pp_rank: int
+    tp_size: int
+    dp_size: int
+    pp_size: int
+    topology: object  # deepspeed PipeModelDataParallelTopology
+
+
+def init_process_groups(par: ParallelConfig, runtime: Runtime) -> ProcessGroups:
+    """Join (or create, for a single process) the default group, then build both layouts."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ:  # launched by deepspeed or torchrun
+            dist.init_process_group(runtime.backend)
+        else:  # a single process started without a launcher
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
+            dist.init_process_group(runtime.backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(runtime.backend)
+    world = dist.get_world_size()
+    if world % (par.tensor * par.pipeline):
+        raise ConfigError(
+            f"world size {world} is not divisible by parallel.tensor={par.tensor} x "
+            f"parallel.pipeline={par.pipeline}; launch a multiple of {par.tensor * par.pipeline} "
+            "processes"
+        )
+    dp_size = world // (par.tensor * par.pipeline)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(par.tensor, par.pipeline)
+    topology = PipeModelDataParallelTopology(num_pp=par.pipeline, num_mp=par.tensor, num_dp=dp_size)
+    groups = ProcessGroups(
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        tp_size=par.tensor,
+        dp_size=dp_size,
+        pp_size=par.pipeline,
+        topology=topology,
+    )
+    coord = topology.get_coord(dist.get_rank())
+    if (coord.pipe, coord.data, coord.model) != (groups.pp_rank, groups.dp_rank, groups.tp_rank):
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: megatron-core places it at pp={groups.pp_rank} "
+            f"dp={groups.dp_rank} tp={groups.tp_rank}, DeepSpeed at {coord}"
+        )
+    return groups
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ConfigError(f"dtype {name!r} is not supported; use one of {list(dtypes)}")
+    return dtypes[name]

@@ -1,0 +1,217 @@
+"""The DDiT backbone (ALGORITHMS.md §5) from megatron-core tensor-parallel layers.
+
+Shapes: tokens [B, L]; hidden [L, B, d] (megatron's sequence-first layout); cond [B, c];
+logits [B, L, V/tp], split over the vocabulary and never gathered. Every module takes its
+tensor-parallel group explicitly and has no tp-specific branch. Parameters are a function of
+(init_seed, layer index) alone: each layer draws its initial values from its own generator,
+and megatron's CPU initialisation builds the full weight before slicing it, so any layout
+starts from the same model.
+
+qkv rows are laid out [H, 3, d_head] (head-major, megatron's layout) so that a column split
+gives each tensor-parallel rank whole heads; the reference's [3, H, d_head] is an export-time
+permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from deepspeed.pipe import LayerSpec, PipelineModule
+
+from parallel.config import TIME_FEATURES, ModelConfig
+from parallel.groups import ProcessGroups
+
+LN_EPS = 1e-5
+
+
+def _megatron_config(tp_group: ProcessGroup) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_group.size(),
+        use_cpu_initialization=True,  # full weight first, then the local slice
+        params_dtype=torch.float32,
+    )
+
+
+def _uniform(bound: float, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
+    return lambda w: nn.init.uniform_(w, -bound, bound, generator=generator)
+
+
+def _zeros(w: Tensor) -> Tensor:
+    return nn.init.zeros_(w)
+
+
+def _generator(cfg: ModelConfig, layer: int) -> torch.Generator:
+    return torch.Generator().manual_seed(cfg.init_seed * 1_000_003 + layer)
+
+
+class LayerNorm(nn.Module):
+    """Weight-only LayerNorm computed in float32 with autocast off (§5.2). [..., d] -> f32"""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), None, LN_EPS)
+
+
+class TimeEmbedding(nn.Module):
+    """s -> SiLU(MLP([cos(s f_k), sin(s f_k)])), f_k = 10^(-4k/128) (§5.1). s [B] -> [B, c]"""
+
+    def __init__(self, cond_dim: int, generator: torch.Generator) -> None:
+        super().__init__()
+        half = TIME_FEATURES // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.fc1 = nn.Linear(TIME_FEATURES, cond_dim)
+        self.fc2 = nn.Linear(cond_dim, cond_dim)
+        for layer in (self.fc1, self.fc2):
+            init = _uniform(1 / math.sqrt(layer.in_features), generator)
+            init(layer.weight)
+            init(layer.bias)
+
+    def forward(self, s: Tensor) -> Tensor:
+        angles = s.float()[:, None] * self.freqs[None]  # [B, 128]
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return F.silu(self.fc2(F.silu(self.fc1(features))))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [L, d_head] float32 for rotate-half (GPT-NeoX) pairing (i, i + d_head/2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, L, d_head]; cos, sin [L, d_head] -> [B, H, L, d_head] in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x [L, B, d]; shift, scale [B, d] -> x (1 + scale) + shift"""
+    return x * (1 + scale[None]) + shift[None]
+
+
+class InputStage(nn.Module):
+    """(tokens [B, L] int64, s [B] f32) -> (hidden [L, B, d] f32, cond [B, c] f32)"""
+
+    def __init__(self, cfg: ModelConfig, tp_group: ProcessGroup) -> None:
+        super().__init__()
+        generator = _generator(cfg, 0)
+        self.embedding = tensor_parallel.VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, config=_megatron_config(tp_group),
+            init_method=_uniform(1 / math.sqrt(cfg.hidden_size), generator), tp_group=tp_group,
+        )  # fmt: skip
+        self.time_embedding = TimeEmbedding(cfg.cond_dim, generator)
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        tokens, s = inputs
+        hidden = self.embedding(tokens.t().contiguous())  # [L, B, d]
+        return hidden, self.time_embedding(s)
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block with adaLN-Zero modulation (§5.2). (hidden, cond) -> same"""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp_group: ProcessGroup, causal: bool) -> None:
+        super().__init__()
+        d, tp = cfg.hidden_size, tp_group.size()
+        generator = _generator(cfg, layer)
+        megatron = _megatron_config(tp_group)
+        self.causal, self.dropout = causal, cfg.dropout
+        self.heads_local, self.head_dim = cfg.n_heads // tp, cfg.head_dim
+        self.norm1, self.norm2 = LayerNorm(d), LayerNorm(d)
+        self.qkv = tensor_parallel.ColumnParallelLinear(
+            d, 3 * d, config=megatron, init_method=_uniform(1 / math.sqrt(d), generator),
+            bias=False, gather_output=False, tp_group=tp_group,
+        )  # fmt: skip
+        self.attn_out = tensor_parallel.RowParallelLinear(
+            d, d, config=megatron, init_method=_uniform(1 / math.sqrt(d), generator),
+            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )  # fmt: skip
+        self.fc1 = tensor_parallel.ColumnParallelLinear(
+            d, 4 * d, config=megatron, init_method=_uniform(1 / math.sqrt(d), generator),
+            bias=True, gather_output=False, tp_group=tp_group,
+        )  # fmt: skip
+        self.fc2 = tensor_parallel.RowParallelLinear(
+            4 * d, d, config=megatron, init_method=_uniform(1 / math.sqrt(4 * d), generator),
+            bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )  # fmt: skip
+        self.modulation = nn.Linear(cfg.cond_dim, 6 * d)  # replicated on every tp rank
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+        cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rotary_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, cond = inputs  # [L, B, d], [B, c]
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
+        h = _modulate(self.norm1(x), shift1, scale1)
+        x = x + gate1[None] * F.dropout(self._attention(h), self.dropout, self.training)
+        h = _modulate(self.norm2(x), shift2, scale2)
+        mlp, _ = self.fc2(F.gelu(self.fc1(h)[0], approximate="tanh"))
+        x = x + gate2[None] * F.dropout(mlp, self.dropout, self.training)
+        return x, cond
+
+    def _attention(self, h: Tensor) -> Tensor:
+        """h [L, B, d] -> [L, B, d] (all-reduced over the tp group by attn_out)"""
+        seq, batch = h.shape[:2]
+        qkv, _ = self.qkv(h)  # [L, B, 3d/tp]
+        qkv = qkv.view(seq, batch, self.heads_local, 3, self.head_dim)
+        q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # [B, H/tp, L, dh]
+        cos, sin = self.cos[:seq], self.sin[:seq]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        a = a.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
+        out, _ = self.attn_out(a)
+        return out
+
+
+class OutputStage(nn.Module):
+    """Final adaLN LayerNorm and the untied, zero-initialised head (§5.4).
+
+    (hidden [L, B, d], cond [B, c]) -> logits [B, L, V/tp] in the compute dtype
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group: ProcessGroup) -> None:
+        super().__init__()
+        self.norm = LayerNorm(cfg.hidden_size)
+        self.modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+        self.head = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, cfg.vocab_size, config=_megatron_config(tp_group),
+            init_method=_zeros, bias=True, gather_output=False, tp_group=tp_group,
+        )  # fmt: skip
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
+        x, cond = inputs
+        shift, scale = self.modulation(cond).chunk(2, dim=-1)
+        logits, _ = self.head(_modulate(self.norm(x), shift, scale))
+        return logits.transpose(0, 1)  # [B, L, V/tp]
+
+
+def build_pipeline(
+    cfg: ModelConfig, groups: ProcessGroups, causal: bool, loss_fn: Callable | None = None
+) -> PipelineModule:
+    """The model as DeepSpeed layer specs, cut into stages balanced by parameters; each stage
+    builds only its own layers. Between stages flows (hidden [L, B, d], cond [B, c])."""
+    tp_group = groups.tp_group
+    blocks = [LayerSpec(DiTBlock, cfg, i + 1, tp_group, causal) for i in range(cfg.n_layers)]
+    specs = [LayerSpec(InputStage, cfg, tp_group), *blocks, LayerSpec(OutputStage, cfg, tp_group)]
+    return PipelineModule(
+        specs, topology=groups.topology, loss_fn=loss_fn, partition_method="parameters"
+    )

@@ -1,0 +1,95 @@
+"""The DDiT backbone at tp = pp = 1: size presets, initial state, attention pattern."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel.config import SIZES, ModelConfig, ParallelConfig, parameter_count
+from parallel.groups import Runtime, init_process_groups
+from parallel.model import build_pipeline
+
+# json "params" of the reference's configs/flops (ALGORITHMS.md §5.7, in millions, V = 32001)
+REFERENCE_PARAMS_M = {"6M": 22.45, "19M": 41.31, "113M": 141.57, "302M": 306.77,
+                      "944M": 836.57, "2121M": 1778.50}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def groups():
+    return init_process_groups(ParallelConfig(), Runtime.detect())
+
+
+def _model(groups, size="tiny", causal=False, vocab=97, seq_len=32, **kw):
+    cfg = ModelConfig.preset(size, vocab_size=vocab, seq_len=seq_len, **kw)
+    return cfg, build_pipeline(cfg, groups, causal)
+
+
+@pytest.mark.parametrize("size", ["tiny", "cpu-small", "6M", "19M"])
+def test_built_model_has_exactly_the_formula_parameter_count(groups, size):
+    cfg, model = _model(groups, size, vocab=32001)
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(cfg)
+
+
+@pytest.mark.parametrize(("size", "millions"), REFERENCE_PARAMS_M.items())
+def test_formula_matches_the_reference_table(size, millions):
+    """The table's figures were printed by calflops with a few significant digits (1e-4)."""
+    cfg = ModelConfig.preset(size, vocab_size=32001, seq_len=2048)
+    assert parameter_count(cfg) / 1e6 == pytest.approx(millions, rel=1e-4)
+
+
+def test_every_preset_is_valid():
+    for size, (d, layers, heads) in SIZES.items():
+        cfg = ModelConfig.preset(size, vocab_size=1000, seq_len=128)
+        assert (cfg.hidden_size, cfg.n_layers, cfg.n_heads) == (d, layers, heads)
+
+
+def test_initial_model_predicts_uniform_and_blocks_are_identity(groups):
+    cfg, model = _model(groups)
+    tokens = torch.randint(cfg.vocab_size, (3, cfg.seq_len))
+    s = torch.rand(3)
+    logits = model((tokens, s))
+    assert logits.shape == (3, cfg.seq_len, cfg.vocab_size)
+    assert torch.all(logits == 0), "zero-initialised head gives uniform predictions"
+    hidden, cond = model.forward_funcs[0]((tokens, s))
+    after_blocks = hidden, cond
+    for block in model.forward_funcs[1:-1]:
+        after_blocks = block(after_blocks)
+    assert torch.equal(after_blocks[0], hidden), "adaLN-Zero blocks start as the identity"
+
+
+def _randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)  # leave zero-init, stay unsaturated
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_pattern(groups, causal):
+    cfg, model = _model(groups, causal=causal)
+    _randomise(model, 1)
+    tokens = torch.randint(cfg.vocab_size, (2, cfg.seq_len))
+    changed = tokens.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % cfg.vocab_size
+    s = torch.rand(2)
+    diff = (model((tokens, s)) - model((changed, s))).abs().amax(dim=(0, 2))
+    assert diff[20] > 0 and diff[21:].max() > 0
+    if causal:
+        assert torch.all(diff[:20] == 0), "a causal model saw a later token"
+    else:
+        assert torch.all(diff[:20] > 0), "a bidirectional model ignored a later token"
+
+
+def test_time_conditioning_changes_the_output(groups):
+    cfg, model = _model(groups)
+    _randomise(model, 2)
+    tokens = torch.randint(cfg.vocab_size, (2, cfg.seq_len))
+    assert not torch.allclose(model((tokens, torch.zeros(2))), model((tokens, torch.ones(2))))
+
+
+def test_initialisation_is_a_function_of_the_seed(groups):
+    _, a = _model(groups, init_seed=5)
+    _, b = _model(groups, init_seed=5)
+    _, c = _model(groups, init_seed=6)
+    pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
