@@ -19,11 +19,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-from deepspeed.pipe import LayerSpec, PipelineModule
 
 from parallel.config import TIME_FEATURES, ModelConfig
 from parallel.groups import ProcessGroups
