@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,23 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[None]) + shift[None]
 
 
+@dataclass
+class KVCache:
+    """Keys and values of one causal block for incremental decoding. [B, H/tp, length, dh]"""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class InputStage(nn.Module):
     """(tokens [B, L] int64, s [B] f32) -> (hidden [L, B, d] f32, cond [B, c] f32)"""
 
@@ -158,23 +176,34 @@ class DiTBlock(nn.Module):
 
     def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         x, cond = inputs  # [L, B, d], [B, c]
+        return self.step(x, cond), cond
+
+    def step(self, x: Tensor, cond: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x [l, B, d] at positions cache.length.. (0 without a cache) -> [l, B, d]"""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
         h = _modulate(self.norm1(x), shift1, scale1)
-        x = x + gate1[None] * F.dropout(self._attention(h), self.dropout, self.training)
+        x = x + gate1[None] * F.dropout(self._attention(h, cache), self.dropout, self.training)
         h = _modulate(self.norm2(x), shift2, scale2)
         mlp, _ = self.fc2(F.gelu(self.fc1(h)[0], approximate="tanh"))
-        x = x + gate2[None] * F.dropout(mlp, self.dropout, self.training)
-        return x, cond
+        return x + gate2[None] * F.dropout(mlp, self.dropout, self.training)
 
-    def _attention(self, h: Tensor) -> Tensor:
-        """h [L, B, d] -> [L, B, d] (all-reduced over the tp group by attn_out)"""
+    def _attention(self, h: Tensor, cache: KVCache | None) -> Tensor:
+        """h [l, B, d] -> [l, B, d] (all-reduced over the tp group by attn_out)"""
         seq, batch = h.shape[:2]
-        qkv, _ = self.qkv(h)  # [L, B, 3d/tp]
+        start = 0 if cache is None else cache.length
+        qkv, _ = self.qkv(h)  # [l, B, 3d/tp]
         qkv = qkv.view(seq, batch, self.heads_local, 3, self.head_dim)
-        q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # [B, H/tp, L, dh]
-        cos, sin = self.cos[:seq], self.sin[:seq]
+        q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # [B, H/tp, l, dh]
+        cos, sin = self.cos[start : start + seq], self.sin[start : start + seq]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        mask = None
+        if cache is not None:
+            k, v = cache.append(k, v)
+            # queries at start..start+l-1 see every cached key and, causally, the new ones
+            mask = torch.ones(seq, start + seq, dtype=torch.bool, device=h.device).tril(start)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=self.causal and cache is None
+        )
         a = a.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
         out, _ = self.attn_out(a)
         return out
