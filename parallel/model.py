@@ -82,6 +82,7 @@ class TimeEmbedding(nn.Module):
     def forward(self, s: Tensor) -> Tensor:
         angles = s.float()[:, None] * self.freqs[None]  # [B, 128]
         features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        features = features.to(self.fc1.weight.dtype)
         return F.silu(self.fc2(F.silu(self.fc1(features))))
 
 
@@ -100,9 +101,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x [L, B, d]; shift, scale [B, d] -> x (1 + scale) + shift"""
-    return x * (1 + scale[None]) + shift[None]
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """x [L, B, d] f32; shift, scale [B, d] -> x (1 + scale) + shift, in the residual dtype.
+
+    With float32 parameters (GPU autocast) that is float32; with bfloat16 parameters (CPU
+    bf16, where megatron's layers ignore autocast) the matmul inputs must be bfloat16.
+    """
+    return (x * (1 + scale[None]) + shift[None]).to(dtype)
 
 
 @dataclass
@@ -181,9 +186,9 @@ class DiTBlock(nn.Module):
     def step(self, x: Tensor, cond: Tensor, cache: KVCache | None = None) -> Tensor:
         """x [l, B, d] at positions cache.length.. (0 without a cache) -> [l, B, d]"""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
-        h = _modulate(self.norm1(x), shift1, scale1)
+        h = _modulate(self.norm1(x), shift1, scale1, x.dtype)
         x = x + gate1[None] * F.dropout(self._attention(h, cache), self.dropout, self.training)
-        h = _modulate(self.norm2(x), shift2, scale2)
+        h = _modulate(self.norm2(x), shift2, scale2, x.dtype)
         mlp, _ = self.fc2(F.gelu(self.fc1(h)[0], approximate="tanh"))
         return x + gate2[None] * F.dropout(mlp, self.dropout, self.training)
 
@@ -229,7 +234,7 @@ class OutputStage(nn.Module):
     def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
         x, cond = inputs
         shift, scale = self.modulation(cond).chunk(2, dim=-1)
-        logits, _ = self.head(_modulate(self.norm(x), shift, scale))
+        logits, _ = self.head(_modulate(self.norm(x), shift, scale, x.dtype))
         return logits.transpose(0, 1)  # [B, L, V/tp]
 
 

@@ -93,3 +93,16 @@ def test_initialisation_is_a_function_of_the_seed(groups):
     _, c = _model(groups, init_seed=6)
     pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_bf16_forward_on_cpu(groups):
+    """bf16 parameters and matmuls, float32 LayerNorm (§5.5): close to the float32 model."""
+    cfg, model = _model(groups)
+    _randomise(model, 3)
+    tokens = torch.randint(cfg.vocab_size, (2, cfg.seq_len))
+    s = torch.rand(2)
+    high = model((tokens, s))
+    low = model.to(torch.bfloat16)((tokens, s))
+    assert low.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: a few percent of the logits' spread after 2 blocks
+    assert (low.float() - high).abs().max() < 0.05 * high.abs().max()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pretrain.objectives.reductions import log_prob_at
+from pretrain.objectives.reductions import cross_entropy
 from pretrain.objectives.vocab import Vocab
 
 CAUSAL = True
@@ -26,7 +26,9 @@ def time_input(t: Tensor) -> Tensor:
 
 def per_token_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:
     """Next-token NLL. logits [B, L, V] bf16|f32; x0, xt [B, L] int64; t [B] -> [B, L-1] f32"""
-    return -log_prob_at(logits[:, :-1], vocab.real, x0[:, 1:])
+    b, length, v = logits.shape
+    predicted = logits[:, :-1].reshape(b * (length - 1), v)
+    return cross_entropy(predicted, vocab.real, x0[:, 1:].reshape(-1)).view(b, length - 1)
 
 
 validation_loss = per_token_loss  # exact NLL

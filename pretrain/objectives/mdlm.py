@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from pretrain.objectives.corruption import corrupted, corruption_words
-from pretrain.objectives.reductions import log_prob_at
+from pretrain.objectives.reductions import cross_entropy
 from pretrain.objectives.schedule import alpha
 from pretrain.objectives.vocab import Vocab
 
@@ -36,11 +36,11 @@ def per_token_loss(
 ) -> Tensor:
     """logits [B, L, V] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32"""
     masked = xt == vocab.mask_id
-    ce = -log_prob_at(logits, vocab.real, x0)
-    ce = torch.where(masked, ce, torch.zeros_like(ce))  # carry-over: unmasked tokens score 0
+    rows = masked.nonzero(as_tuple=True)  # only masked tokens are scored: carry-over
+    ce = cross_entropy(logits[rows], vocab.real, x0[rows])
     if loss_type == "elbo":
-        return ce / t.float().unsqueeze(1)
-    return ce
+        ce = ce / t.float()[rows[0]]
+    return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)
 
 
 def validation_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:

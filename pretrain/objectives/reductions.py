@@ -7,17 +7,19 @@ at one or two ids, and for Duo one vocabulary-wide sum. Non-real ids get probabi
 
 from __future__ import annotations
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 def real_logits(logits: Tensor, real: Tensor) -> Tensor:
-    """logits [B, L, V] bf16|f32, real [V] bool -> [B, L, V] f32 with -inf at non-real ids."""
+    """logits [..., V] bf16|f32, real [V] bool -> [..., V] f32 with -inf at non-real ids."""
     return logits.float().masked_fill(~real.to(logits.device), float("-inf"))
 
 
-def log_prob_at(logits: Tensor, real: Tensor, ids: Tensor) -> Tensor:
-    """log x̂_θ[ids]: logits [B, L, V], ids [B, L] int64 -> [B, L] f32 (-inf at non-real ids)."""
-    masked = real_logits(logits, real)
-    lse = torch.logsumexp(masked, dim=-1)
-    return masked.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+def cross_entropy(logits: Tensor, real: Tensor, targets: Tensor) -> Tensor:
+    """-log x̂_θ[targets] over the real ids: logits [N, V], targets [N] int64 -> [N] f32.
+
+    F.cross_entropy fuses the log-softmax and its backward (softmax - one-hot), several
+    times faster on CPU than logsumexp and gather.
+    """
+    return F.cross_entropy(real_logits(logits, real), targets, reduction="none")
