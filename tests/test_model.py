@@ -106,3 +106,22 @@ def test_bf16_forward_on_cpu(groups):
     assert low.dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: a few percent of the logits' spread after 2 blocks
     assert (low.float() - high).abs().max() < 0.05 * high.abs().max()
+
+
+def test_kv_cached_decoding_equals_the_full_causal_forward(groups):
+    from parallel.model import KVCache
+
+    cfg, model = _model(groups, causal=True)
+    _randomise(model, 4)
+    tokens = torch.randint(cfg.vocab_size, (2, 12))
+    s = torch.zeros(2)
+    full = model((tokens, s))
+    first, *blocks, last = model.forward_funcs
+    caches = [KVCache() for _ in blocks]
+    steps = []
+    for chunk in (tokens[:, :5], tokens[:, 5:6], tokens[:, 6:12]):  # prefill, then 1, then 6
+        hidden, cond = first((chunk, s))
+        for block, cache in zip(blocks, caches, strict=True):
+            hidden = block.step(hidden, cond, cache)
+        steps.append(last((hidden, cond)))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
