@@ -1,0 +1,78 @@
+"""The training entry point every launcher starts:
+
+    deepspeed --num_gpus N --module launch.train [PRESET] [section.key=value ...]
+    torchrun --nproc-per-node N -m launch.train [PRESET] [section.key=value ...]
+    python -m launch.train [PRESET] [section.key=value ...]          (one process)
+
+It lives in launch/ because it joins the FLOPs accounting (launch.flops) to the loop
+(pretrain.trainer), which must not import upward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch.distributed as dist
+
+from dlm_errors import DlmError
+from launch.flops import training_flops_per_sequence
+from parallel.config import ModelConfig
+from pretrain.config import RunConfig, load_config
+from pretrain.trainer import run
+
+
+class _RankZeroOnly(logging.Filter):
+    """Ranks other than 0 show warnings and errors only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return rank == 0 or record.levelno >= logging.WARNING
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(_RankZeroOnly())
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=[handler]
+    )
+
+
+def flops_fn(cfg: RunConfig):
+    """Training FLOPs per sequence of the run's model, objective and convention."""
+
+    def per_sequence(model: ModelConfig) -> int:
+        return training_flops_per_sequence(
+            model, cfg.objective.name, model.seq_len, cfg.train.flops_convention
+        )
+
+    return per_sequence
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", nargs="?", default="default",
+                        help="preset name (pretrain/presets/NAME.yaml) or a YAML file")  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override any config value, e.g. train.steps=1000")  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="launch.train", description="One training run.")
+    add_run_arguments(parser)
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        cfg = load_config(args.preset, args.overrides)
+        run_dir = run(cfg, flops_fn(cfg))
+    except DlmError as e:
+        logging.getLogger("dlm").error("%s", e)
+        return 2
+    logging.getLogger("dlm").info("run directory: %s", run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The DeepSpeed engine: ZeRO stage 1, AdamW, warmup-cosine schedule, clipping (§6.3)."""
+
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from dlm_errors import ConfigError
+from parallel.groups import ProcessGroups, Runtime
+from pretrain.config import OptimConfig, TrainConfig
+
+
+def accumulation_steps(train: TrainConfig, dp_size: int) -> int:
+    """Micro-batches per rank per step; the global batch must split evenly."""
+    per_step = train.micro_batch * dp_size
+    if train.global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={train.global_batch} is not divisible by train.micro_batch="
+            f"{train.micro_batch} x data-parallel size {dp_size}; choose a global batch that is "
+            f"a multiple of {per_step}"
+        )
+    return train.global_batch // per_step
+
+
+def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
+    """lr(s)/lr: (s+1)/W during warmup, then cosine down to min_lr (§6.3)."""
+    warmup = max(int(optim.warmup_fraction * total_steps), optim.min_warmup_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    floor = optim.min_lr / optim.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(
+    train: TrainConfig, optim: OptimConfig, runtime: Runtime, dp_size: int
+) -> dict:
+    return {
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": accumulation_steps(train, dp_size),
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": 1},
+        "bf16": {"enabled": runtime.dtype == torch.bfloat16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": [optim.beta1, optim.beta2],
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                "torch_adam": True,  # no JIT-compiled kernel needed
+            },
+        },
+        "steps_per_print": 10**9,  # our own log line reports progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(
+    model: torch.nn.Module,
+    train: TrainConfig,
+    optim: OptimConfig,
+    runtime: Runtime,
+    groups: ProcessGroups,
+    total_steps: int,
+):
+    """A DeepSpeed PipelineEngine over the model, with weight decay on every parameter (P12)."""
+    config = deepspeed_config(train, optim, runtime, groups.dp_size)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=config,
+        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_multiplier(s, total_steps, optim)),
+    )
+    return engine

@@ -1,0 +1,48 @@
+"""The step line (torchtitan / Megatron style) and model FLOPs utilisation."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def device_peak_flops(configured: float) -> float:
+    """The configured figure, the datasheet peak of a known GPU, or a measured CPU matmul rate."""
+    if configured > 0:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, flops in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return flops
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 3 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def step_line(
+    *, step: int, total: int, tokens: int, loss: float, lr: float, grad_norm: float,
+    tokens_per_s: float, flops_per_s_per_device: float, mfu: float, elapsed_s: float,
+) -> str:  # fmt: skip
+    eta = elapsed_s / max(step, 1) * (total - step)
+    return (
+        f"step {step:>6}/{total} | tokens {tokens / 1e6:8.2f}M | loss {loss:7.4f} | lr {lr:.2e} | "
+        f"grad {grad_norm:6.3f} | {tokens_per_s:8.0f} tok/s | "
+        f"{flops_per_s_per_device / 1e12:6.3f} TFLOP/s/dev | MFU {100 * mfu:5.1f}% | "
+        f"elapsed {_duration(elapsed_s)} | ETA {_duration(eta)}"
+    )

@@ -1,0 +1,91 @@
+"""MLflow tracking from one rank, and the loss-curve plot. The only module that calls MLflow.
+
+If the tracking store cannot be reached the run goes on: the failure is logged once and
+tracking is off for the rest of the run (an explicit, documented degraded mode).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def default_tracking_uri(run_dir: str | Path) -> str:
+    """One sqlite store for a whole sweep: next to the run directories."""
+    return f"sqlite:///{(Path(run_dir).resolve().parent / 'mlflow.db')}"
+
+
+class Tracker:
+    """log_params / log_metrics / log_artifact / close; a no-op on ranks other than 0."""
+
+    def __init__(self, uri: str, experiment: str, run_dir: Path, active: bool) -> None:
+        self.run_dir, self.active, self.uri, self.run_id = run_dir, active, uri, None
+        if not active:
+            return
+        self._call(self._start, experiment)
+
+    def _start(self, experiment: str) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment)
+        id_file = self.run_dir / "mlflow_run_id"
+        resume_id = id_file.read_text().strip() if id_file.is_file() else None
+        run = mlflow.start_run(run_id=resume_id, run_name=self.run_dir.name)
+        self.run_id = run.info.run_id
+        id_file.write_text(self.run_id)
+
+    def _call(self, fn, *args) -> None:
+        if not self.active:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # any store failure: keep training, say so once
+            log.warning(
+                "MLflow tracking at %s failed (%s); continuing without tracking", self.uri, e
+            )
+            self.active = False
+
+    def log_params(self, params: dict) -> None:
+        import mlflow
+
+        self._call(lambda: mlflow.log_params({k: str(v)[:500] for k, v in params.items()}))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        self._call(lambda: mlflow.log_metrics(metrics, step=step))
+
+    def log_artifact(self, path: Path) -> None:
+        import mlflow
+
+        self._call(lambda: mlflow.log_artifact(str(path)))
+
+    def close(self) -> None:
+        import mlflow
+
+        self._call(mlflow.end_run)
+
+
+def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Train and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in history.items():
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=name, marker="o" if name.startswith("val") else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

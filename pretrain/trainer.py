@@ -1,0 +1,257 @@
+"""The training loop. The step reads top to bottom: batch, noise, forward/backward/step
+(DeepSpeed), metrics, validation, checkpoint (STYLE.md §12)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_pipeline import Tokenizer, TrainLoader, open_dataset, validation_batches
+from data_pipeline.manifest import TOKENIZER_FILE, Manifest
+from dlm_errors import ConfigError, DlmError
+from parallel.config import ModelConfig
+from parallel.groups import ProcessGroups, Runtime, init_process_groups
+from parallel.model import build_pipeline
+from pretrain import checkpoint
+from pretrain.config import RunConfig
+from pretrain.engine import accumulation_steps, build_engine
+from pretrain.metrics import device_peak_flops, step_line
+from pretrain.objectives import OBJECTIVES
+from pretrain.objectives.schedule import sample_t
+from pretrain.objectives.vocab import Vocab
+from pretrain.sampling import SamplingConfig, generate
+from pretrain.tracking import Tracker, default_tracking_uri, plot_losses
+
+log = logging.getLogger(__name__)
+VALIDATION_SEED_OFFSET = 1_000_003  # validation noise uses its own seed
+
+
+class DivergenceError(DlmError):
+    """Too many non-finite steps in a row."""
+
+
+def model_spec(cfg: RunConfig, manifest: Manifest) -> tuple[ModelConfig, Vocab]:
+    """The backbone for this dataset: V and L from the manifest; never-seen specials excluded."""
+    special = manifest.tokenizer["special_ids"]
+    vocab = Vocab.build(
+        manifest.tokenizer["vocab_size"], special["mask"], never_in_data=(special["pad"],)
+    )
+    model = ModelConfig.preset(
+        cfg.model.size, vocab_size=vocab.size, seq_len=manifest.seq_len,
+        dropout=cfg.model.dropout, init_seed=cfg.model.init_seed,
+    )  # fmt: skip
+    return model, vocab
+
+
+def _train_loss(objective, vocab: Vocab, loss_type: str, logits, labels) -> torch.Tensor:
+    """Token mean of the per-token loss over the micro-batch (§4.0)."""
+    x0, xt, t = labels
+    options = {"loss_type": loss_type} if objective is OBJECTIVES["mdlm"] else {}
+    return objective.per_token_loss(logits, x0, xt, t, vocab, **options).mean()
+
+
+def _noised_micro_batches(
+    batches: Iterator, cfg: RunConfig, vocab: Vocab, groups: ProcessGroups, first_step: int
+) -> Iterator[tuple]:
+    """((xt, s), (x0, xt, t)) per micro-batch. Row p of the global batch owns stratum p of t:
+    rank r, micro-step m holds rows r*G/dp + m*b + [0, b)."""
+    objective = OBJECTIVES[cfg.objective.name]
+    g, b = cfg.train.global_batch, cfg.train.micro_batch
+    accum = accumulation_steps(cfg.train, groups.dp_size)
+    for k, batch in enumerate(batches):
+        step, micro = first_step + k // accum, k % accum
+        rows = groups.dp_rank * (g // groups.dp_size) + micro * b + torch.arange(b)
+        t = sample_t(cfg.objective.seed, step, rows, g)
+        xt = objective.noise(batch.tokens, t, batch.sample_ids, cfg.objective.seed, vocab)
+        yield (xt, objective.time_input(t)), (batch.tokens, xt, t)
+
+
+@torch.no_grad()
+def validate(module, cfg: RunConfig, manifest: Manifest, vocab: Vocab, groups) -> float:
+    """The ELBO-based validation loss in nats/token (exact NLL for AR), summed in float64
+    over all ranks. t of sequence i is stratum i mod G of validation batch i // G, so the
+    figure does not depend on the layout."""
+    objective = OBJECTIVES[cfg.objective.name]
+    seed, g = cfg.objective.seed + VALIDATION_SEED_OFFSET, cfg.train.global_batch
+    total = torch.zeros(2, dtype=torch.float64)
+    module.eval()
+    for batch in validation_batches(
+        cfg.data.path, manifest, micro_batch_size=cfg.train.micro_batch, dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size, max_sequences=cfg.train.val_sequences or None,
+    ):  # fmt: skip
+        ids = batch.sample_ids
+        t = sample_t(seed, int(ids[0]) // g, ids % g, g)
+        xt = objective.noise(batch.tokens, t, ids, seed, vocab)
+        logits = module((xt, objective.time_input(t)))
+        losses = objective.validation_loss(logits, batch.tokens, xt, t, vocab)
+        total += torch.tensor([losses.double().sum().item(), losses.numel()])
+    module.train()
+    dist.all_reduce(total, group=groups.dp_group)
+    return (total[0] / total[1]).item()
+
+
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, save, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled (one scalar all-reduce per step)."""
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) -> Path:
+    """Train (or resume) the run in cfg.train.run_dir; returns the run directory."""
+    runtime = Runtime.detect(cfg.train.dtype or None)
+    groups = init_process_groups(cfg.parallel, runtime)
+    if groups.pp_size > 1:
+        raise ConfigError("parallel.pipeline > 1 arrives with issue 5; use parallel.pipeline=1")
+    manifest = open_dataset(cfg.data.path)
+    model_cfg, vocab = model_spec(cfg, manifest)
+    objective = OBJECTIVES[cfg.objective.name]
+    flops_per_seq = train_flops_per_sequence(model_cfg)
+    total_steps = cfg.train.steps or int(
+        cfg.train.flops_budget / (flops_per_seq * cfg.train.global_batch)
+    )
+    if total_steps < 1:
+        raise ConfigError(f"train.flops_budget={cfg.train.flops_budget:g} buys no step")
+    accumulation_steps(cfg.train, groups.dp_size)  # checks the batch sizes before building
+
+    torch.manual_seed(cfg.model.init_seed)  # dropout only: parameters and noise are keyed
+    loss_fn = partial(_train_loss, objective, vocab, cfg.objective.loss_type)
+    model = build_pipeline(model_cfg, groups, objective.CAUSAL, loss_fn=loss_fn)
+    engine = build_engine(model, cfg.train, cfg.optim, runtime, groups, total_steps)
+    loader = TrainLoader(
+        cfg.data.path, manifest, micro_batch_size=cfg.train.micro_batch,
+        dp_rank=groups.dp_rank, dp_size=groups.dp_size, num_workers=cfg.data.num_workers,
+        seed=cfg.data.seed,
+    )  # fmt: skip
+    run_dir = Path(cfg.train.run_dir)
+    is_logger = dist.get_rank() == 0
+    if is_logger:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dist.barrier()
+    checkpoint.clean_incomplete(run_dir)
+
+    layout = {"tensor": groups.tp_size, "pipeline": groups.pp_size, "data": groups.dp_size}
+    state = checkpoint.LoopState()
+    loaded = checkpoint.load(engine, run_dir, layout)
+    if loaded is not None:
+        state, client = loaded
+        loader.load_state_dict(client["reader"])
+        log.info("resumed from step %d (%s)", state.step, checkpoint.latest_tag(run_dir))
+
+    tracker = Tracker(
+        cfg.tracking.uri or default_tracking_uri(run_dir), cfg.tracking.experiment, run_dir,
+        active=is_logger,
+    )  # fmt: skip
+    tracker.log_params(cfg.flat())
+    peak = device_peak_flops(cfg.train.peak_flops)
+    tokenizer = Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE)
+    stop = _StopRequest()
+    history: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
+    micro_batches = _noised_micro_batches(iter(loader), cfg, vocab, groups, state.step)
+    tokens_per_step = cfg.train.global_batch * manifest.seq_len
+    bad_in_a_row, start, start_step = 0, time.perf_counter(), state.step
+
+    def save() -> None:
+        extra = {"reader": loader.state_dict(), "layout": layout, "config": cfg.to_dict()}
+        tag = checkpoint.save(engine, run_dir, state, extra)
+        log.info("saved checkpoint %s", run_dir / "checkpoints" / tag)
+
+    def validate_and_sample() -> None:
+        val = validate(engine.module, cfg, manifest, vocab, groups)
+        history["val"].append((state.step, val))
+        log.info(
+            "validation at step %d: loss %.4f, perplexity %.2f", state.step, val, math.exp(val)
+        )
+        tracker.log_metrics({"val/loss": val, "val/perplexity": math.exp(val)}, state.step)
+        if is_logger:
+            _write_samples(
+                engine.module, cfg, vocab, tokenizer, manifest, run_dir, state.step, tracker
+            )
+            tracker.log_artifact(plot_losses(history, run_dir / "loss_curve.png"))
+
+    while state.step < total_steps:
+        loss = engine.train_batch(data_iter=micro_batches).item()  # host sync: one per step
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        state.step += 1
+        state.consumed_samples += cfg.train.global_batch
+        state.flops += flops_per_seq * cfg.train.global_batch
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            bad_in_a_row = 0
+            history["train"].append((state.step, loss))
+        else:
+            bad_in_a_row += 1
+            state.skipped_steps += 1
+            log.warning("step %d: non-finite loss %s or grad norm %s, update skipped (%d in a row)",
+                        state.step, loss, grad_norm, bad_in_a_row)  # fmt: skip
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                save()
+                raise DivergenceError(
+                    f"{bad_in_a_row} non-finite steps in a row at step {state.step}; the last "
+                    f"good state is saved in {run_dir}; lower optim.lr or check the data"
+                )
+        if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+            elapsed = time.perf_counter() - start
+            rate = (state.step - start_step) * tokens_per_step / elapsed
+            flops_rate = (
+                (state.step - start_step) * flops_per_seq * cfg.train.global_batch / elapsed
+            )
+            per_device = flops_rate / dist.get_world_size()
+            lr = engine.get_lr()[0]
+            tokens_seen = state.consumed_samples * manifest.seq_len
+            log.info(step_line(
+                step=state.step, total=total_steps, tokens=tokens_seen,
+                loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=rate,
+                flops_per_s_per_device=per_device, mfu=per_device / peak, elapsed_s=elapsed,
+            ))  # fmt: skip
+            tracker.log_metrics(
+                {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                 "train/tokens_per_s": rate, "train/tokens": tokens_seen,
+                 "train/flops": state.flops, "train/skipped_steps": state.skipped_steps},
+                state.step,
+            )  # fmt: skip
+        if state.step % cfg.train.val_every == 0 or state.step == total_steps:
+            validate_and_sample()
+        if stop.agreed():
+            save()
+            log.info("stop requested: saved at step %d, exiting", state.step)
+            break
+        if state.step % cfg.train.checkpoint_every == 0 or state.step == total_steps:
+            save()
+    tracker.close()
+    return run_dir
+
+
+def _write_samples(module, cfg, vocab, tokenizer, manifest, run_dir, step, tracker) -> None:
+    layers = module.forward_funcs
+    samples = generate(
+        cfg.objective.name, layers, vocab,
+        SamplingConfig(steps=cfg.train.sample_steps, num_samples=cfg.train.num_samples),
+        manifest.seq_len, start_id=tokenizer.special.eos,
+    )  # fmt: skip
+    module.train()
+    text = "\n\n==========\n\n".join(tokenizer.decode(row.tolist()) for row in samples.tokens)
+    path = run_dir / "samples" / f"step{step:08d}.txt"
+    path.write_text(text)
+    tracker.log_artifact(path)
