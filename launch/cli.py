@@ -9,13 +9,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import subprocess
 import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from data_pipeline import PrepareConfig, prepare_dataset, verify_dataset
+from data_pipeline.manifest import MANIFEST_FILE
 from dlm_errors import DlmError
+from launch.train import add_run_arguments, configure_logging, flops_fn
+from pretrain.config import SamplingConfig, load_config
+from pretrain.tracking import default_tracking_uri
+
+# The embedded default dataset `dlm train` prepares on first use.
+DEFAULT_DATA = PrepareConfig(out="data/stdlib", seq_len=256)
 
 log = logging.getLogger("dlm")
 
@@ -23,7 +32,7 @@ log = logging.getLogger("dlm")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         return args.run(args)
     except DlmError as e:
@@ -53,6 +62,23 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("path", help="dataset directory written by `dlm prepare`")
     verify.set_defaults(run=_run_verify)
+    train = sub.add_parser(
+        "train",
+        help="train one model (default: a small MDLM on the embedded corpus)",
+        description="Train one model from a YAML preset plus section.key=value overrides; "
+        "resumes automatically from the run directory's latest checkpoint.",
+    )
+    add_run_arguments(train)
+    train.add_argument(
+        "--nproc", type=int, default=1, help="processes on this node (deepspeed launcher)"
+    )
+    train.add_argument("--hostfile", default=None, help="deepspeed hostfile for several nodes")
+    train.set_defaults(run=_run_train)
+
+    _add_command(
+        sub, "sample", "write samples from the latest checkpoint of a run", SamplingConfig,
+        _run_sample, positional="run_dir",
+    )  # fmt: skip
     return parser
 
 
@@ -62,9 +88,12 @@ def _add_command(
     summary: str,
     config_cls: type,
     run: Callable[[argparse.Namespace], int],
+    positional: str | None = None,
 ) -> None:
     """A subcommand whose options are the fields of `config_cls`."""
     cmd = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.")
+    if positional:
+        cmd.add_argument(positional, help="run directory written by `dlm train`")
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         _add_option(cmd, f, hints[f.name])
@@ -108,6 +137,43 @@ def _run_prepare(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {train.sequences} train / {manifest.splits['val'].sequences} val "
         f"sequences of {manifest.seq_len} tokens, vocab {manifest.tokenizer['vocab_size']}"
     )
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    # deepspeed and megatron-core take seconds to import: only the commands that train do
+
+    cfg = load_config(args.preset, args.overrides)  # every check before any work
+    if cfg.data.path == DEFAULT_DATA.out and not (Path(cfg.data.path) / MANIFEST_FILE).is_file():
+        print(f"preparing the embedded default dataset in {DEFAULT_DATA.out} (once)")
+        prepare_dataset(DEFAULT_DATA)
+    if args.nproc > 1 or args.hostfile:
+        command = ["deepspeed", "--num_gpus", str(args.nproc)]
+        command += ["--hostfile", args.hostfile] if args.hostfile else []
+        command += ["--module", "launch.train", args.preset, *args.overrides]
+        print("+ " + " ".join(command))
+        code = subprocess.call(command)
+        if code:
+            return code
+        run_dir = Path(cfg.train.run_dir)
+    else:
+        from pretrain.trainer import run  # deepspeed, megatron-core: seconds to import
+
+        run_dir = run(cfg, flops_fn(cfg))
+    uri = cfg.tracking.uri or default_tracking_uri(run_dir)
+    print(f"\ncheckpoints: {run_dir / 'checkpoints'}\nsamples:     {run_dir / 'samples'}")
+    print(f"loss curve:  {run_dir / 'loss_curve.png'}\nMLflow:      {uri}")
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from pretrain.run_sampling import sample_run  # deepspeed, megatron-core
+
+    result = sample_run(args.run_dir, _config(args))
+    for i, text in enumerate(result.texts):
+        print(f"===== sample {i} (step {result.step}) =====\n{text}\n")
+    print(f"{result.tokens_per_s:.0f} tokens/s, {result.forward_passes} forward passes")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 import torch.distributed as dist
@@ -21,7 +22,6 @@ from dlm_errors import DlmError
 from launch.flops import training_flops_per_sequence
 from parallel.config import ModelConfig
 from pretrain.config import RunConfig, load_config
-from pretrain.trainer import run
 
 
 class _RankZeroOnly(logging.Filter):
@@ -33,6 +33,10 @@ class _RankZeroOnly(logging.Filter):
 
 
 def configure_logging() -> None:
+    """INFO on rank 0, warnings elsewhere; megatron-core's notices about optional fused
+    kernels (Transformer Engine, Apex: not installable here) are silenced."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(_RankZeroOnly())
     logging.basicConfig(
@@ -64,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     configure_logging()
+    from pretrain.trainer import run  # deepspeed and megatron-core: seconds to import
+
     try:
         cfg = load_config(args.preset, args.overrides)
         run_dir = run(cfg, flops_fn(cfg))

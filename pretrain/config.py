@@ -102,6 +102,18 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    steps: int = field(default=128, metadata={"help": "denoising steps (MDLM, Duo)"})
+    num_samples: int = field(default=4, metadata={"help": "sequences to generate"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus mass kept (1: no filtering)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampling draws"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.num_samples < 1 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling config out of range: {self}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     data: DataConfig
     model: ModelSizeConfig = field(default_factory=ModelSizeConfig)

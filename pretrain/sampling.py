@@ -11,29 +11,17 @@ process (tensor and pipeline size 1).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dlm_errors import ConfigError
 from parallel.model import KVCache
+from pretrain.config import SamplingConfig
 from pretrain.objectives.schedule import alpha, sigma
 from pretrain.objectives.vocab import Vocab
 
 T_MIN = 1e-5  # the reverse process runs from t = 1 down to here (§9)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    steps: int = field(default=128, metadata={"help": "denoising steps (MDLM, Duo)"})
-    num_samples: int = field(default=4, metadata={"help": "sequences to generate"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus mass kept (1: no filtering)"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampling draws"})
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.num_samples < 1 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"sampling config out of range: {self}")
 
 
 @dataclass(frozen=True)

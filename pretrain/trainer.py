@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -22,13 +23,13 @@ from parallel.config import ModelConfig
 from parallel.groups import ProcessGroups, Runtime, init_process_groups
 from parallel.model import build_pipeline
 from pretrain import checkpoint
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, SamplingConfig
 from pretrain.engine import accumulation_steps, build_engine
 from pretrain.metrics import device_peak_flops, step_line
 from pretrain.objectives import OBJECTIVES
 from pretrain.objectives.schedule import sample_t
 from pretrain.objectives.vocab import Vocab
-from pretrain.sampling import SamplingConfig, generate
+from pretrain.sampling import generate
 from pretrain.tracking import Tracker, default_tracking_uri, plot_losses
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,11 @@ def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) 
         state.step += 1
         state.consumed_samples += cfg.train.global_batch
         state.flops += flops_per_seq * cfg.train.global_batch
+        if is_logger:  # every step at full precision, for exact comparisons between runs
+            with open(run_dir / "train_log.jsonl", "a") as f:
+                f.write(
+                    json.dumps({"step": state.step, "loss": loss, "grad_norm": grad_norm}) + "\n"
+                )
         if math.isfinite(loss) and math.isfinite(grad_norm):
             bad_in_a_row = 0
             history["train"].append((state.step, loss))

@@ -1,0 +1,58 @@
+"""Samples from the latest checkpoint of a run directory (`dlm sample RUN_DIR`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline import Tokenizer, open_dataset
+from data_pipeline.manifest import TOKENIZER_FILE
+from dlm_errors import CheckpointError
+from parallel.groups import Runtime, init_process_groups
+from parallel.model import build_pipeline
+from pretrain import checkpoint
+from pretrain.config import SamplingConfig, load_config
+from pretrain.engine import build_engine
+from pretrain.objectives import OBJECTIVES
+from pretrain.sampling import generate
+from pretrain.trainer import model_spec
+
+
+@dataclass(frozen=True)
+class RunSamples:
+    texts: list[str]
+    step: int
+    tokens_per_s: float
+    forward_passes: int
+
+
+def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file() or checkpoint.latest_tag(run_dir) is None:
+        raise CheckpointError(f"{run_dir} holds no finished checkpoint; train it with `dlm train`")
+    cfg = load_config(str(config_file), [])
+    groups = init_process_groups(cfg.parallel, Runtime.detect(cfg.train.dtype or None))
+    manifest = open_dataset(cfg.data.path)
+    model_cfg, vocab = model_spec(cfg, manifest)
+    model = build_pipeline(model_cfg, groups, OBJECTIVES[cfg.objective.name].CAUSAL)
+    engine = build_engine(model, cfg.train, cfg.optim, Runtime.detect(), groups, total_steps=1)
+    engine.load_checkpoint(
+        str(checkpoint.checkpoint_dir(run_dir)), tag=checkpoint.latest_tag(run_dir),
+        load_optimizer_states=False, load_lr_scheduler_states=False,
+    )  # fmt: skip
+    tokenizer = Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE)
+    start = time.perf_counter()
+    samples = generate(
+        cfg.objective.name, engine.module.forward_funcs, vocab, sampling, manifest.seq_len,
+        start_id=tokenizer.special.eos,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    step = int(checkpoint.latest_tag(run_dir).removeprefix("step"))
+    return RunSamples(
+        [tokenizer.decode(row.tolist()) for row in samples.tokens],
+        step,
+        samples.tokens.numel() / seconds,
+        samples.forward_passes,
+    )
