@@ -31,7 +31,12 @@ log = logging.getLogger("dlm")
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `dlm train PRESET --nproc 2 a.b=c`: overrides may follow the options
+    if extra and getattr(args, "overrides", None) is not None and all("=" in e for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging()
     try:
         return args.run(args)

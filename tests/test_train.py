@@ -1,0 +1,174 @@
+"""The training loop on the test dataset: losses fall, data parallel equals one process,
+checkpoints resume exactly (also after SIGKILL, through real launchers), saves are atomic,
+MLflow holds the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed import _free_port, run_distributed
+
+from launch.train import flops_fn
+from pretrain.config import load_config
+from pretrain.trainer import run
+
+BASE = ["model.size=tiny", "train.log_every=5", "train.val_sequences=32", "train.num_samples=1",
+        "train.sample_steps=8", "optim.min_warmup_steps=5", "optim.lr=3e-3"]  # fmt: skip
+
+
+def _overrides(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.path={dataset}", f"train.run_dir={run_dir}", *BASE, *extra]
+
+
+def _train(dataset, run_dir, *extra):
+    cfg = load_config("default", _overrides(dataset, run_dir, *extra))
+    return run(cfg, flops_fn(cfg))
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; a step re-run after a resume keeps its last record."""
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo"])
+def test_loss_falls_for_each_objective(dataset, tmp_path, objective):
+    extra = ("train.steps=40", "train.val_every=40", "train.checkpoint_every=40")
+    run_dir = _train(dataset, tmp_path / objective, f"objective.name={objective}", *extra)
+    losses = list(_losses(run_dir).values())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000040"
+    assert (run_dir / "samples" / "step00000040.txt").stat().st_size > 0
+
+
+def test_mlflow_holds_params_metrics_and_artifacts(dataset, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = _train(dataset, tmp_path / "tracked", "train.steps=10", "train.val_every=5")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow_run = client.get_run((run_dir / "mlflow_run_id").read_text())
+    assert mlflow_run.data.params["objective.name"] == "mdlm"
+    assert mlflow_run.data.params["train.steps"] == "10"
+    history = client.get_metric_history(mlflow_run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [5, 10]
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "val/perplexity")) == 2
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert {"loss_curve.png", "step00000005.txt", "step00000010.txt"} <= artifacts
+
+
+def _dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -> None:
+    _train(dataset, run_dir, "train.steps=10", "data.num_workers=1", "train.micro_batch=8")
+
+
+def test_data_parallel_2_equals_one_process(dataset, tmp_path):
+    """The same global batches: one process with two loader workers reads the same two
+    streams as two ranks with one worker each (16 = 2 x 8 sequences per step)."""
+    one = _train(dataset, tmp_path / "dp1", "train.steps=10", "data.num_workers=2",
+                 "train.micro_batch=8")  # fmt: skip
+    run_distributed(_dp2, 2, dataset, tmp_path / "dp2")
+    a, b = _losses(one), _losses(tmp_path / "dp2")
+    assert a.keys() == b.keys() == set(range(1, 11))
+    assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a)
+
+
+def _launch(args: list[str], run_dir: Path) -> subprocess.Popen:
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _torchrun(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(_free_port()), "-m", "launch.train", "default",
+            *_overrides(dataset, run_dir, *extra)]  # fmt: skip
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        log = run_dir / "train_log.jsonl"
+        if log.is_file() and len(log.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step}")
+
+
+def test_sigkill_and_resume_reproduce_every_loss(dataset, tmp_path):
+    """dp=2 through the deepspeed launcher uninterrupted, against the same run through
+    torchrun killed with SIGKILL at step 7 and started again: bitwise equal losses."""
+    steps = ["train.steps=12", "train.checkpoint_every=4", "train.val_every=100",
+             "data.num_workers=1"]  # fmt: skip
+    straight = tmp_path / "straight"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    code = subprocess.call(
+        [sys.executable, "-m", "launch.cli", "train", "default", "--nproc", "2",
+         *_overrides(dataset, straight, *steps)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert code == 0
+    killed = tmp_path / "killed"
+    proc = _launch(_torchrun(dataset, killed, *steps), killed)
+    _wait_for_step(killed, 7, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "latest").read_text() == "step00000004"
+    assert _launch(_torchrun(dataset, killed, *steps), killed).wait() == 0
+    assert _losses(killed) == _losses(straight)
+
+
+def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
+    run_dir = tmp_path / "preempted"
+    extra = ("train.steps=1000", "train.checkpoint_every=1000")
+    command = [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "default",
+        *_overrides(dataset, run_dir, *extra),
+    ]
+    proc = _launch(command, run_dir)
+    _wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    assert 3 <= int(tag.removeprefix("step")) < 1000
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint(dataset, tmp_path):
+    """SIGKILL while a checkpoint is being written: `latest` still names a complete one,
+    and the next start resumes from it and removes the partial save."""
+    run_dir = tmp_path / "atomic"
+
+    def command(steps: int) -> list[str]:
+        extra = ("model.size=19M", f"train.steps={steps}", "train.checkpoint_every=1",
+                 "train.val_every=1000")  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "default",
+            *_overrides(dataset, run_dir, *extra),
+        ]
+
+    proc = _launch(command(1000), run_dir)
+    deadline = time.time() + 300
+    root = run_dir / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        if (root / "latest").is_file() and list(root.glob(".incomplete-*")):
+            break
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(root.glob(".incomplete-*")), "the kill did not land inside a save"
+    tag = (root / "latest").read_text()
+    assert (root / tag).is_dir()
+    resumed = _launch(command(int(tag.removeprefix("step")) + 1), run_dir)
+    assert resumed.wait(timeout=300) == 0
+    assert not list(root.glob(".incomplete-*"))
+    assert "resumed from step" in (run_dir.parent / "atomic.log").read_text()
