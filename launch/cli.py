@@ -19,8 +19,8 @@ from pathlib import Path
 from data_pipeline import PrepareConfig, prepare_dataset, verify_dataset
 from data_pipeline.manifest import MANIFEST_FILE
 from dlm_errors import DlmError
-from launch.train import add_run_arguments, configure_logging, flops_fn
-from pretrain.config import SamplingConfig, load_config
+from launch.train import add_run_arguments, configure_logging, flops_fn, load_run_config
+from pretrain.config import SamplingConfig
 from pretrain.tracking import default_tracking_uri
 
 # The embedded default dataset `dlm train` prepares on first use.
@@ -148,7 +148,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     # deepspeed and megatron-core take seconds to import: only the commands that train do
 
-    cfg = load_config(args.preset, args.overrides)  # every check before any work
+    cfg = load_run_config(args.preset, args.overrides)  # every check before any work
     if cfg.data.path == DEFAULT_DATA.out and not (Path(cfg.data.path) / MANIFEST_FILE).is_file():
         print(f"preparing the embedded default dataset in {DEFAULT_DATA.out} (once)")
         prepare_dataset(DEFAULT_DATA)

@@ -11,7 +11,9 @@ It lives in launch/ because it joins the FLOPs accounting (launch.flops) to the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -55,6 +57,15 @@ def flops_fn(cfg: RunConfig):
     return per_sequence
 
 
+def load_run_config(preset: str, overrides: list[str]) -> RunConfig:
+    """The preset and overrides; an empty tracking.uri falls back to MLFLOW_TRACKING_URI."""
+    cfg = load_config(preset, overrides)
+    if not cfg.tracking.uri and os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking = dataclasses.replace(cfg.tracking, uri=os.environ["MLFLOW_TRACKING_URI"])
+        cfg = dataclasses.replace(cfg, tracking=tracking)
+    return cfg
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("preset", nargs="?", default="default",
                         help="preset name (pretrain/presets/NAME.yaml) or a YAML file")  # fmt: skip
@@ -71,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pretrain.trainer import run  # deepspeed and megatron-core: seconds to import
 
     try:
-        cfg = load_config(args.preset, args.overrides)
+        cfg = load_run_config(args.preset, args.overrides)
         run_dir = run(cfg, flops_fn(cfg))
     except DlmError as e:
         logging.getLogger("dlm").error("%s", e)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +23,18 @@ from dlm_errors import CheckpointError
 
 FORMAT_VERSION = 1
 LATEST = "latest"
+META_FILE = "dlm_meta.json"  # layout and step, readable before the engine exists
+
+# What DeepSpeed's universal-checkpoint converter needs to merge and re-split parameters
+# (PipelineModule names, e.g. "3.attn_out.weight").
+UNIVERSAL_INFO = {
+    "universal_checkpoint_version": 0.2,
+    "tp_replicated_parameter_patterns": [
+        r"^\d+\.norm\d?\.weight$", r"^\d+\.modulation\.(weight|bias)$",
+        r"^\d+\.time_embedding\..*$", r"^\d+\.fc2\.bias$",
+    ],
+    "parameter_with_row_parallelism_patterns": [r"^\d+\.attn_out\.weight$", r"^\d+\.fc2\.weight$"],
+}  # fmt: skip
 
 
 @dataclass
@@ -60,11 +74,13 @@ def save(engine, run_dir: str | Path, state: LoopState, extra: dict) -> str:
         "format_version": FORMAT_VERSION,
         "loop": asdict(state),
         "rng": torch.get_rng_state(),
+        "universal_checkpoint_info": UNIVERSAL_INFO,
         **extra,
     }
     engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
+        write_json(staging / tag / META_FILE, {"step": state.step, "layout": extra["layout"]})
         final = root / tag
         if final.exists():
             shutil.rmtree(final)
@@ -77,12 +93,51 @@ def save(engine, run_dir: str | Path, state: LoopState, extra: dict) -> str:
     return tag
 
 
-def load(engine, run_dir: str | Path, layout: dict) -> tuple[LoopState, dict] | None:
-    """Resume from `latest` if there is one; checks the format and the parallel layout."""
+def saved_layout(run_dir: str | Path) -> dict | None:
+    """The parallel layout of the latest checkpoint, or None if there is none."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
-    path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+    return json.loads((checkpoint_dir(run_dir) / tag / META_FILE).read_text())["layout"]
+
+
+def universal_dir(run_dir: str | Path) -> Path:
+    """Where the latest checkpoint is converted for a new data-parallel size (see load)."""
+    return checkpoint_dir(run_dir) / f"universal-{latest_tag(run_dir)}"
+
+
+def convert_to_universal(run_dir: str | Path) -> None:
+    """DeepSpeed's ZeRO-1 optimizer shards only reload on the data-parallel size they were
+    saved with; its universal format reloads on any (rank 0 converts, once)."""
+    tag = latest_tag(run_dir)
+    out = universal_dir(run_dir)
+    if dist.get_rank() == 0 and not (out / tag).is_dir():
+        staging = out.with_name(out.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(checkpoint_dir(run_dir) / tag),
+                   "--output_folder", str(staging / tag)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise CheckpointError(
+                f"converting {checkpoint_dir(run_dir) / tag} for a new data-parallel size "
+                f"failed; resume with the old size.\n{result.stderr[-2000:]}"
+            )
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(staging, out)
+    dist.barrier()
+
+
+def load(
+    engine, run_dir: str | Path, layout: dict, universal: bool = False
+) -> tuple[LoopState, dict] | None:
+    """Resume from `latest` if there is one; checks the format and the parallel layout.
+    With `universal`, reads the converted copy (a new data-parallel size)."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    source = universal_dir(run_dir) if universal else checkpoint_dir(run_dir)
+    path, client = engine.load_checkpoint(str(source), tag=tag)
     if path is None:
         raise CheckpointError(f"{checkpoint_dir(run_dir) / tag} could not be loaded")
     if client.get("format_version") != FORMAT_VERSION:

@@ -36,9 +36,10 @@ def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
 
 
 def deepspeed_config(
-    train: TrainConfig, optim: OptimConfig, runtime: Runtime, dp_size: int
+    train: TrainConfig, optim: OptimConfig, runtime: Runtime, dp_size: int, load_universal: bool
 ) -> dict:
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_batch_size": train.global_batch,
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": accumulation_steps(train, dp_size),
@@ -67,9 +68,11 @@ def build_engine(
     runtime: Runtime,
     groups: ProcessGroups,
     total_steps: int,
+    load_universal: bool = False,
 ):
-    """A DeepSpeed PipelineEngine over the model, with weight decay on every parameter (P12)."""
-    config = deepspeed_config(train, optim, runtime, groups.dp_size)
+    """A DeepSpeed PipelineEngine over the model, with weight decay on every parameter (P12).
+    `load_universal`: the checkpoint to resume from is in DeepSpeed's universal format."""
+    config = deepspeed_config(train, optim, runtime, groups.dp_size, load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),

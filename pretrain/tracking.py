@@ -21,7 +21,8 @@ class Tracker:
     """log_params / log_metrics / log_artifact / close; a no-op on ranks other than 0."""
 
     def __init__(self, uri: str, experiment: str, run_dir: Path, active: bool) -> None:
-        self.run_dir, self.active, self.uri, self.run_id = run_dir, active, uri, None
+        self.run_dir, self.active, self.uri = run_dir, active, uri
+        self.run_id, self.resumed = None, False
         if not active:
             return
         self._call(self._start, experiment)
@@ -34,7 +35,7 @@ class Tracker:
         id_file = self.run_dir / "mlflow_run_id"
         resume_id = id_file.read_text().strip() if id_file.is_file() else None
         run = mlflow.start_run(run_id=resume_id, run_name=self.run_dir.name)
-        self.run_id = run.info.run_id
+        self.run_id, self.resumed = run.info.run_id, resume_id is not None
         id_file.write_text(self.run_id)
 
     def _call(self, fn, *args) -> None:
@@ -49,9 +50,15 @@ class Tracker:
             self.active = False
 
     def log_params(self, params: dict) -> None:
+        """Params of a new run; a resumed run keeps its first values (MLflow forbids changing
+        them) and records the values it resumed with as tags."""
         import mlflow
 
-        self._call(lambda: mlflow.log_params({k: str(v)[:500] for k, v in params.items()}))
+        values = {k: str(v)[:500] for k, v in params.items()}
+        if self.resumed:
+            self._call(lambda: mlflow.set_tags({f"resumed.{k}": v for k, v in values.items()}))
+        else:
+            self._call(lambda: mlflow.log_params(values))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import mlflow
@@ -80,7 +87,9 @@ def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> Path
     for name, points in history.items():
         if points:
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=name, marker="o" if name.startswith("val") else None)
+            ax.plot(
+                steps, values, label=name, marker="o" if name.startswith("validation") else None
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

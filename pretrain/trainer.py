@@ -135,26 +135,34 @@ def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) 
         raise ConfigError(f"train.flops_budget={cfg.train.flops_budget:g} buys no step")
     accumulation_steps(cfg.train, groups.dp_size)  # checks the batch sizes before building
 
+    run_dir = Path(cfg.train.run_dir)
+    checkpoint.clean_incomplete(run_dir)
+    layout = {"tensor": groups.tp_size, "pipeline": groups.pp_size, "data": groups.dp_size}
+    saved = checkpoint.saved_layout(run_dir)
+    new_dp_size = saved is not None and saved["data"] != groups.dp_size
+    if new_dp_size:
+        checkpoint.convert_to_universal(run_dir)
+
     torch.manual_seed(cfg.model.init_seed)  # dropout only: parameters and noise are keyed
     loss_fn = partial(_train_loss, objective, vocab, cfg.objective.loss_type)
     model = build_pipeline(model_cfg, groups, objective.CAUSAL, loss_fn=loss_fn)
-    engine = build_engine(model, cfg.train, cfg.optim, runtime, groups, total_steps)
+    engine = build_engine(model, cfg.train, cfg.optim, runtime, groups, total_steps, new_dp_size)
     loader = TrainLoader(
         cfg.data.path, manifest, micro_batch_size=cfg.train.micro_batch,
         dp_rank=groups.dp_rank, dp_size=groups.dp_size, num_workers=cfg.data.num_workers,
         seed=cfg.data.seed,
     )  # fmt: skip
-    run_dir = Path(cfg.train.run_dir)
     is_logger = dist.get_rank() == 0
+    resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if is_logger:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run_dir / "config.yaml").write_text(resolved)
+        log.info("configuration:\n%s", resolved)
+        log.info("%s: %d steps of %d sequences, %.3g training FLOPs per sequence",
+                 model_cfg, total_steps, cfg.train.global_batch, flops_per_seq)  # fmt: skip
     dist.barrier()
-    checkpoint.clean_incomplete(run_dir)
-
-    layout = {"tensor": groups.tp_size, "pipeline": groups.pp_size, "data": groups.dp_size}
     state = checkpoint.LoopState()
-    loaded = checkpoint.load(engine, run_dir, layout)
+    loaded = checkpoint.load(engine, run_dir, layout, universal=new_dp_size)
     if loaded is not None:
         state, client = loaded
         loader.load_state_dict(client["reader"])
@@ -165,10 +173,11 @@ def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) 
         active=is_logger,
     )  # fmt: skip
     tracker.log_params(cfg.flat())
+    tracker.log_artifact(run_dir / "config.yaml")
     peak = device_peak_flops(cfg.train.peak_flops)
     tokenizer = Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE)
     stop = _StopRequest()
-    history: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
+    history: dict[str, list[tuple[int, float]]] = {"train (objective)": [], "validation (ELBO)": []}
     micro_batches = _noised_micro_batches(iter(loader), cfg, vocab, groups, state.step)
     tokens_per_step = cfg.train.global_batch * manifest.seq_len
     bad_in_a_row, start, start_step = 0, time.perf_counter(), state.step
@@ -180,7 +189,7 @@ def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) 
 
     def validate_and_sample() -> None:
         val = validate(engine.module, cfg, manifest, vocab, groups)
-        history["val"].append((state.step, val))
+        history["validation (ELBO)"].append((state.step, val))
         log.info(
             "validation at step %d: loss %.4f, perplexity %.2f", state.step, val, math.exp(val)
         )
@@ -191,6 +200,8 @@ def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) 
             )
             tracker.log_artifact(plot_losses(history, run_dir / "loss_curve.png"))
 
+    if state.step == 0:
+        validate_and_sample()  # the starting point of the validation curve
     while state.step < total_steps:
         loss = engine.train_batch(data_iter=micro_batches).item()  # host sync: one per step
         grad_norm = engine.get_global_grad_norm()
@@ -205,7 +216,7 @@ def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) 
                 )
         if math.isfinite(loss) and math.isfinite(grad_norm):
             bad_in_a_row = 0
-            history["train"].append((state.step, loss))
+            history["train (objective)"].append((state.step, loss))
         else:
             bad_in_a_row += 1
             state.skipped_steps += 1

@@ -5,6 +5,7 @@ MLflow holds the run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -58,9 +59,11 @@ def test_mlflow_holds_params_metrics_and_artifacts(dataset, tmp_path):
     assert mlflow_run.data.params["train.steps"] == "10"
     history = client.get_metric_history(mlflow_run.info.run_id, "train/loss")
     assert [m.step for m in history] == [5, 10]
-    assert len(client.get_metric_history(mlflow_run.info.run_id, "val/perplexity")) == 2
+    perplexity = client.get_metric_history(mlflow_run.info.run_id, "val/perplexity")
+    assert [m.step for m in perplexity] == [0, 5, 10]
+    assert perplexity[-1].value < perplexity[0].value
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
-    assert {"loss_curve.png", "step00000005.txt", "step00000010.txt"} <= artifacts
+    assert {"config.yaml", "loss_curve.png", "step00000000.txt", "step00000010.txt"} <= artifacts
 
 
 def _dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -> None:
@@ -172,3 +175,65 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(dataset, tmp_path):
     assert resumed.wait(timeout=300) == 0
     assert not list(root.glob(".incomplete-*"))
     assert "resumed from step" in (run_dir.parent / "atomic.log").read_text()
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path):
+    """A learning rate of 1e30 overflows the parameters after one update; the next steps
+    are non-finite, skipped and counted, and the third in a row stops the run with a
+    checkpoint."""
+    from pretrain.trainer import DivergenceError
+
+    with pytest.raises(DivergenceError, match="3 non-finite steps in a row"):
+        _train(dataset, tmp_path / "diverged", "optim.lr=1e30", "optim.min_lr=1e29",
+               "train.steps=20", "train.max_bad_steps=3", "optim.min_warmup_steps=1")  # fmt: skip
+    records = [
+        json.loads(x) for x in (tmp_path / "diverged/train_log.jsonl").read_text().split("\n") if x
+    ]
+    bad = [r for r in records if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]))]
+    assert len(bad) == 3 and records[-3:] == bad
+    assert (tmp_path / "diverged/checkpoints/latest").is_file()
+
+
+def test_resume_in_one_process_and_on_another_data_parallel_size(dataset, tmp_path):
+    """dp=1 stopped at step 4 and restarted matches an uninterrupted run exactly; the same
+    checkpoint then continues on dp=2, and `dlm sample` reads the result."""
+    from launch.cli import main
+
+    extra = ("train.checkpoint_every=4", "train.val_every=100", "data.num_workers=2")
+    straight = _train(dataset, tmp_path / "straight", "train.steps=8", *extra)
+    _train(dataset, tmp_path / "resumed", "train.steps=4", *extra)
+    _train(dataset, tmp_path / "resumed", "train.steps=8", *extra)
+    assert _losses(tmp_path / "resumed") == _losses(straight)
+    run_distributed(_continue_on_dp2, 2, dataset, tmp_path / "resumed")
+    assert sorted(_losses(tmp_path / "resumed")) == list(range(1, 13))
+    assert main(["sample", str(tmp_path / "resumed"), "--steps", "4", "--num-samples", "1"]) == 0
+
+
+def _continue_on_dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -> None:
+    _train(dataset, run_dir, "train.steps=12", "train.checkpoint_every=4", "train.val_every=100",
+           "data.num_workers=1")  # fmt: skip
+
+
+def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
+    from data_pipeline import open_dataset
+    from launch.flops import training_flops_per_sequence
+    from pretrain.trainer import model_spec
+
+    cfg = load_config("default", _overrides(dataset, tmp_path / "budget"))
+    model_cfg, _ = model_spec(cfg, open_dataset(dataset))
+    per_step = training_flops_per_sequence(model_cfg, "mdlm", model_cfg.seq_len) * 16
+    _train(dataset, tmp_path / "budget", "train.steps=0", f"train.flops_budget={7.5 * per_step}",
+           "train.val_every=100")  # fmt: skip
+    assert sorted(_losses(tmp_path / "budget")) == list(range(1, 8))
+
+
+def test_config_overrides_are_strict(dataset):
+    from dlm_errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"did you mean train\.steps"):
+        load_config("default", ["train.stpes=3"])
+    with pytest.raises(ConfigError, match=r"train\.steps=.many. is not a valid int"):
+        load_config("default", ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"not divisible by train\.micro_batch"):
+        load_config("default", ["train.global_batch=12", "train.micro_batch=8"])
+    assert load_config("default", ["optim.lr=3e-4"]).optim.lr == 3e-4
