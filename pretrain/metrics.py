@@ -36,12 +36,14 @@ def _duration(seconds: float) -> str:
 
 
 def step_line(
-    *, step: int, total: int, tokens: int, loss: float, lr: float, grad_norm: float,
-    tokens_per_s: float, flops_per_s_per_device: float, mfu: float, elapsed_s: float,
+    *, step: int, total: int, tokens: int, flops: float, loss: float, lr: float,
+    grad_norm: float, tokens_per_s: float, flops_per_s_per_device: float, mfu: float,
+    elapsed_s: float,
 ) -> str:  # fmt: skip
     eta = elapsed_s / max(step, 1) * (total - step)
     return (
-        f"step {step:>6}/{total} | tokens {tokens / 1e6:8.2f}M | loss {loss:7.4f} | lr {lr:.2e} | "
+        f"step {step:>6}/{total} | tokens {tokens / 1e6:8.2f}M | FLOPs {flops:.3e} | "
+        f"loss {loss:7.4f} | lr {lr:.2e} | "
         f"grad {grad_norm:6.3f} | {tokens_per_s:8.0f} tok/s | "
         f"{flops_per_s_per_device / 1e12:6.3f} TFLOP/s/dev | MFU {100 * mfu:5.1f}% | "
         f"elapsed {_duration(elapsed_s)} | ETA {_duration(eta)}"

@@ -9,6 +9,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -118,8 +119,63 @@ class _StopRequest:
         return bool(flag.item())
 
 
+@dataclass
+class _Run:
+    """What the loop works with, built once by `_setup` (components, not logic)."""
+
+    cfg: RunConfig
+    groups: ProcessGroups
+    manifest: Manifest
+    vocab: Vocab
+    engine: object  # deepspeed PipelineEngine
+    loader: TrainLoader
+    tracker: Tracker
+    tokenizer: Tokenizer
+    run_dir: Path
+    layout: dict
+    total_steps: int
+    flops_per_seq: int
+    peak_flops: float
+    history: dict[str, list[tuple[int, float]]] = field(
+        default_factory=lambda: {"train (objective)": [], "validation (ELBO)": []}
+    )
+
+    @property
+    def is_logger(self) -> bool:
+        return dist.get_rank() == 0
+
+
 def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) -> Path:
     """Train (or resume) the run in cfg.train.run_dir; returns the run directory."""
+    r, state = _setup(cfg, train_flops_per_sequence)
+    micro_batches = _noised_micro_batches(iter(r.loader), cfg, r.vocab, r.groups, state.step)
+    stop, bad_in_a_row = _StopRequest(), 0
+    clock = (time.perf_counter(), state.step)
+    if state.step == 0:
+        _validate_and_sample(r, state)  # the starting point of the validation curve
+    while state.step < r.total_steps:
+        loss = r.engine.train_batch(data_iter=micro_batches).item()  # host sync: one per step
+        grad_norm = _grad_norm(r.engine)
+        state.step += 1
+        state.consumed_samples += cfg.train.global_batch
+        state.flops += r.flops_per_seq * cfg.train.global_batch
+        bad_in_a_row = _record_step(r, state, loss, grad_norm, bad_in_a_row)
+        if state.step % cfg.train.log_every == 0 or state.step == r.total_steps:
+            _log_step(r, state, loss, grad_norm, clock)
+        if state.step % cfg.train.val_every == 0 or state.step == r.total_steps:
+            _validate_and_sample(r, state)
+        if stop.agreed():
+            _save(r, state)
+            log.info("stop requested: saved at step %d, exiting", state.step)
+            break
+        if state.step % cfg.train.checkpoint_every == 0 or state.step == r.total_steps:
+            _save(r, state)
+    r.tracker.close()
+    return r.run_dir
+
+
+def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.LoopState]:
+    """Process groups, data, model, engine, tracking; then the latest checkpoint, if any."""
     runtime = Runtime.detect(cfg.train.dtype or None)
     groups = init_process_groups(cfg.parallel, runtime)
     if groups.pp_size > 1:
@@ -152,123 +208,111 @@ def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) 
         dp_rank=groups.dp_rank, dp_size=groups.dp_size, num_workers=cfg.data.num_workers,
         seed=cfg.data.seed,
     )  # fmt: skip
-    is_logger = dist.get_rank() == 0
-    resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if is_logger:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(resolved)
-        log.info("configuration:\n%s", resolved)
-        log.info("%s: %d steps of %d sequences, %.3g training FLOPs per sequence",
-                 model_cfg, total_steps, cfg.train.global_batch, flops_per_seq)  # fmt: skip
-    dist.barrier()
+    _write_config(cfg, run_dir, model_cfg, total_steps, flops_per_seq)
+    tracker = Tracker(
+        cfg.tracking.uri or default_tracking_uri(run_dir), cfg.tracking.experiment, run_dir,
+        active=dist.get_rank() == 0,
+    )  # fmt: skip
+    tracker.log_params(cfg.flat())
+    tracker.log_artifact(run_dir / "config.yaml")
+    r = _Run(
+        cfg, groups, manifest, vocab, engine, loader, tracker,
+        Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE), run_dir, layout, total_steps,
+        flops_per_seq, device_peak_flops(cfg.train.peak_flops),
+    )  # fmt: skip
     state = checkpoint.LoopState()
     loaded = checkpoint.load(engine, run_dir, layout, universal=new_dp_size)
     if loaded is not None:
         state, client = loaded
         loader.load_state_dict(client["reader"])
         log.info("resumed from step %d (%s)", state.step, checkpoint.latest_tag(run_dir))
+    return r, state
 
-    tracker = Tracker(
-        cfg.tracking.uri or default_tracking_uri(run_dir), cfg.tracking.experiment, run_dir,
-        active=is_logger,
-    )  # fmt: skip
-    tracker.log_params(cfg.flat())
-    tracker.log_artifact(run_dir / "config.yaml")
-    peak = device_peak_flops(cfg.train.peak_flops)
-    tokenizer = Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE)
-    stop = _StopRequest()
-    history: dict[str, list[tuple[int, float]]] = {"train (objective)": [], "validation (ELBO)": []}
-    micro_batches = _noised_micro_batches(iter(loader), cfg, vocab, groups, state.step)
-    tokens_per_step = cfg.train.global_batch * manifest.seq_len
-    bad_in_a_row, start, start_step = 0, time.perf_counter(), state.step
 
-    def save() -> None:
-        extra = {"reader": loader.state_dict(), "layout": layout, "config": cfg.to_dict()}
-        tag = checkpoint.save(engine, run_dir, state, extra)
-        log.info("saved checkpoint %s", run_dir / "checkpoints" / tag)
+def _write_config(cfg: RunConfig, run_dir: Path, model_cfg, total_steps, flops_per_seq) -> None:
+    """Print the resolved configuration and save it in the run directory (rank 0)."""
+    resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if dist.get_rank() == 0:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(resolved)
+        log.info("configuration:\n%s", resolved)
+        log.info("%s: %d steps of %d sequences, %.3g training FLOPs per sequence",
+                 model_cfg, total_steps, cfg.train.global_batch, flops_per_seq)  # fmt: skip
+    dist.barrier()
 
-    def validate_and_sample() -> None:
-        val = validate(engine.module, cfg, manifest, vocab, groups)
-        history["validation (ELBO)"].append((state.step, val))
-        log.info(
-            "validation at step %d: loss %.4f, perplexity %.2f", state.step, val, math.exp(val)
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float("nan") if norm is None else float(norm)
+
+
+def _record_step(r: _Run, state, loss: float, grad_norm: float, bad_in_a_row: int) -> int:
+    """Append the step to train_log.jsonl; count non-finite steps (DeepSpeed skipped their
+    update) and stop after max_bad_steps in a row. Returns the new count in a row."""
+    if r.is_logger:  # every step at full precision, for exact comparisons between runs
+        with open(r.run_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": state.step, "loss": loss, "grad_norm": grad_norm}) + "\n")
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        r.history["train (objective)"].append((state.step, loss))
+        return 0
+    bad_in_a_row += 1
+    state.skipped_steps += 1
+    log.warning("step %d: non-finite loss %s or grad norm %s, update skipped (%d in a row)",
+                state.step, loss, grad_norm, bad_in_a_row)  # fmt: skip
+    if bad_in_a_row >= r.cfg.train.max_bad_steps:
+        _save(r, state)
+        raise DivergenceError(
+            f"{bad_in_a_row} non-finite steps in a row at step {state.step}; the last state "
+            f"is saved in {r.run_dir}; lower optim.lr or check the data"
         )
-        tracker.log_metrics({"val/loss": val, "val/perplexity": math.exp(val)}, state.step)
-        if is_logger:
-            _write_samples(
-                engine.module, cfg, vocab, tokenizer, manifest, run_dir, state.step, tracker
-            )
-            tracker.log_artifact(plot_losses(history, run_dir / "loss_curve.png"))
-
-    if state.step == 0:
-        validate_and_sample()  # the starting point of the validation curve
-    while state.step < total_steps:
-        loss = engine.train_batch(data_iter=micro_batches).item()  # host sync: one per step
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        state.step += 1
-        state.consumed_samples += cfg.train.global_batch
-        state.flops += flops_per_seq * cfg.train.global_batch
-        if is_logger:  # every step at full precision, for exact comparisons between runs
-            with open(run_dir / "train_log.jsonl", "a") as f:
-                f.write(
-                    json.dumps({"step": state.step, "loss": loss, "grad_norm": grad_norm}) + "\n"
-                )
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            bad_in_a_row = 0
-            history["train (objective)"].append((state.step, loss))
-        else:
-            bad_in_a_row += 1
-            state.skipped_steps += 1
-            log.warning("step %d: non-finite loss %s or grad norm %s, update skipped (%d in a row)",
-                        state.step, loss, grad_norm, bad_in_a_row)  # fmt: skip
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                save()
-                raise DivergenceError(
-                    f"{bad_in_a_row} non-finite steps in a row at step {state.step}; the last "
-                    f"good state is saved in {run_dir}; lower optim.lr or check the data"
-                )
-        if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-            elapsed = time.perf_counter() - start
-            rate = (state.step - start_step) * tokens_per_step / elapsed
-            flops_rate = (
-                (state.step - start_step) * flops_per_seq * cfg.train.global_batch / elapsed
-            )
-            per_device = flops_rate / dist.get_world_size()
-            lr = engine.get_lr()[0]
-            tokens_seen = state.consumed_samples * manifest.seq_len
-            log.info(step_line(
-                step=state.step, total=total_steps, tokens=tokens_seen,
-                loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=rate,
-                flops_per_s_per_device=per_device, mfu=per_device / peak, elapsed_s=elapsed,
-            ))  # fmt: skip
-            tracker.log_metrics(
-                {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                 "train/tokens_per_s": rate, "train/tokens": tokens_seen,
-                 "train/flops": state.flops, "train/skipped_steps": state.skipped_steps},
-                state.step,
-            )  # fmt: skip
-        if state.step % cfg.train.val_every == 0 or state.step == total_steps:
-            validate_and_sample()
-        if stop.agreed():
-            save()
-            log.info("stop requested: saved at step %d, exiting", state.step)
-            break
-        if state.step % cfg.train.checkpoint_every == 0 or state.step == total_steps:
-            save()
-    tracker.close()
-    return run_dir
+    return bad_in_a_row
 
 
-def _write_samples(module, cfg, vocab, tokenizer, manifest, run_dir, step, tracker) -> None:
-    layers = module.forward_funcs
-    samples = generate(
-        cfg.objective.name, layers, vocab,
-        SamplingConfig(steps=cfg.train.sample_steps, num_samples=cfg.train.num_samples),
-        manifest.seq_len, start_id=tokenizer.special.eos,
+def _log_step(r: _Run, state, loss: float, grad_norm: float, clock: tuple[float, int]) -> None:
+    start, start_step = clock
+    elapsed = time.perf_counter() - start
+    sequences_per_s = (state.step - start_step) * r.cfg.train.global_batch / elapsed
+    per_device = sequences_per_s * r.flops_per_seq / dist.get_world_size()
+    lr = r.engine.get_lr()[0]
+    tokens_seen = state.consumed_samples * r.manifest.seq_len
+    tokens_per_s = sequences_per_s * r.manifest.seq_len
+    log.info(step_line(
+        step=state.step, total=r.total_steps, tokens=tokens_seen, flops=state.flops, loss=loss, lr=lr,
+        grad_norm=grad_norm, tokens_per_s=tokens_per_s, flops_per_s_per_device=per_device,
+        mfu=per_device / r.peak_flops, elapsed_s=elapsed,
+    ))  # fmt: skip
+    r.tracker.log_metrics(
+        {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+         "train/tokens_per_s": tokens_per_s, "train/tokens": tokens_seen,
+         "train/flops": state.flops, "train/skipped_steps": state.skipped_steps},
+        state.step,
     )  # fmt: skip
-    module.train()
-    text = "\n\n==========\n\n".join(tokenizer.decode(row.tolist()) for row in samples.tokens)
-    path = run_dir / "samples" / f"step{step:08d}.txt"
+
+
+def _save(r: _Run, state) -> None:
+    extra = {"reader": r.loader.state_dict(), "layout": r.layout, "config": r.cfg.to_dict()}
+    tag = checkpoint.save(r.engine, r.run_dir, state, extra)
+    log.info("saved checkpoint %s", r.run_dir / "checkpoints" / tag)
+
+
+def _validate_and_sample(r: _Run, state) -> None:
+    val = validate(r.engine.module, r.cfg, r.manifest, r.vocab, r.groups)
+    r.history["validation (ELBO)"].append((state.step, val))
+    log.info("validation at step %d: loss %.4f, perplexity %.2f", state.step, val, math.exp(val))
+    r.tracker.log_metrics({"val/loss": val, "val/perplexity": math.exp(val)}, state.step)
+    if r.is_logger:
+        _write_samples(r, state.step)
+        r.tracker.log_artifact(plot_losses(r.history, r.run_dir / "loss_curve.png"))
+
+
+def _write_samples(r: _Run, step: int) -> None:
+    samples = generate(
+        r.cfg.objective.name, r.engine.module.forward_funcs, r.vocab,
+        SamplingConfig(steps=r.cfg.train.sample_steps, num_samples=r.cfg.train.num_samples),
+        r.manifest.seq_len, start_id=r.tokenizer.special.eos,
+    )  # fmt: skip
+    r.engine.module.train()
+    text = "\n\n==========\n\n".join(r.tokenizer.decode(row.tolist()) for row in samples.tokens)
+    path = r.run_dir / "samples" / f"step{step:08d}.txt"
     path.write_text(text)
-    tracker.log_artifact(path)
+    r.tracker.log_artifact(path)
