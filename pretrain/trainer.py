@@ -277,8 +277,8 @@ def _log_step(r: _Run, state, loss: float, grad_norm: float, clock: tuple[float,
     tokens_seen = state.consumed_samples * r.manifest.seq_len
     tokens_per_s = sequences_per_s * r.manifest.seq_len
     log.info(step_line(
-        step=state.step, total=r.total_steps, tokens=tokens_seen, flops=state.flops, loss=loss, lr=lr,
-        grad_norm=grad_norm, tokens_per_s=tokens_per_s, flops_per_s_per_device=per_device,
+        step=state.step, total=r.total_steps, tokens=tokens_seen, flops=state.flops, loss=loss,
+        lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s, flops_per_s_per_device=per_device,
         mfu=per_device / r.peak_flops, elapsed_s=elapsed,
     ))  # fmt: skip
     r.tracker.log_metrics(
