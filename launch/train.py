@@ -38,6 +38,9 @@ def configure_logging() -> None:
     """INFO on rank 0, warnings elsewhere; megatron-core's notices about optional fused
     kernels (Transformer Engine, Apex: not installable here) are silenced."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+    # a tracking server that stops answering mid-run costs seconds, not minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(_RankZeroOnly())

@@ -7,7 +7,9 @@ tracking is off for the rest of the run (an explicit, documented degraded mode).
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +17,17 @@ log = logging.getLogger(__name__)
 def default_tracking_uri(run_dir: str | Path) -> str:
     """One sqlite store for a whole sweep: next to the run directories."""
     return f"sqlite:///{(Path(run_dir).resolve().parent / 'mlflow.db')}"
+
+
+def _check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """Fail fast on a tracking server that does not answer (MLflow itself retries for
+    minutes before giving up)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+        pass
 
 
 class Tracker:
@@ -30,6 +43,7 @@ class Tracker:
     def _start(self, experiment: str) -> None:
         import mlflow
 
+        _check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(experiment)
         id_file = self.run_dir / "mlflow_run_id"

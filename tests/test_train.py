@@ -237,3 +237,13 @@ def test_config_overrides_are_strict(dataset):
     with pytest.raises(ConfigError, match=r"not divisible by train\.micro_batch"):
         load_config("default", ["train.global_batch=12", "train.micro_batch=8"])
     assert load_config("default", ["optim.lr=3e-4"]).optim.lr == 3e-4
+
+
+def test_unreachable_tracking_server_does_not_stop_the_run(dataset, tmp_path, caplog):
+    port = _free_port()  # nothing listens there
+    run_dir = _train(
+        dataset, tmp_path / "offline", "train.steps=2", f"tracking.uri=http://127.0.0.1:{port}"
+    )
+    assert _losses(run_dir).keys() == {1, 2}
+    warnings = [r for r in caplog.records if "continuing without tracking" in r.getMessage()]
+    assert len(warnings) == 1
