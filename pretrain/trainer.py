@@ -180,7 +180,9 @@ def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.L
     groups = init_process_groups(cfg.parallel, runtime)
     if groups.pp_size > 1:
         raise ConfigError("parallel.pipeline > 1 arrives with issue 5; use parallel.pipeline=1")
-    manifest = open_dataset(cfg.data.path)
+    manifest = open_dataset(
+        cfg.data.path, seq_len=cfg.data.seq_len, tokenizer_sha256=cfg.data.tokenizer_sha256
+    )
     model_cfg, vocab = model_spec(cfg, manifest)
     objective = OBJECTIVES[cfg.objective.name]
     flops_per_seq = train_flops_per_sequence(model_cfg)

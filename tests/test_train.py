@@ -227,6 +227,13 @@ def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
     assert sorted(_losses(tmp_path / "budget")) == list(range(1, 8))
 
 
+def test_a_dataset_that_does_not_match_the_run_is_refused(dataset, tmp_path):
+    from dlm_errors import DataError
+
+    with pytest.raises(DataError, match="seq_len=128"):
+        _train(dataset, tmp_path / "mismatch", "train.steps=1", "data.seq_len=128")
+
+
 def test_config_overrides_are_strict(dataset):
     from dlm_errors import ConfigError
 
