@@ -123,6 +123,22 @@ class RunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        """Checks across sections, before any process group or model exists."""
+        _, layers, heads = SIZES[self.model.size]
+        tp, pp = self.parallel.tensor, self.parallel.pipeline
+        if heads % tp:
+            choices = [k for k in range(1, heads + 1) if heads % k == 0]
+            raise ConfigError(
+                f"model.size={self.model.size} has {heads} heads, not divisible by "
+                f"parallel.tensor={tp}; choose parallel.tensor in {choices}"
+            )
+        if layers < pp:
+            raise ConfigError(
+                f"model.size={self.model.size} has {layers} layers, fewer than "
+                f"parallel.pipeline={pp} stages; use at most {layers} stages"
+            )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -234,6 +234,20 @@ def test_a_dataset_that_does_not_match_the_run_is_refused(dataset, tmp_path):
         _train(dataset, tmp_path / "mismatch", "train.steps=1", "data.seq_len=128")
 
 
+def test_vocabulary_is_padded_and_padding_is_never_real(dataset):
+    from data_pipeline import open_dataset
+    from pretrain.trainer import model_spec
+
+    manifest = open_dataset(dataset)  # 400 pieces
+    for tensor, padded in [(1, 512), (2, 512)]:
+        cfg = load_config(
+            "default", _overrides(dataset, Path("unused"), f"parallel.tensor={tensor}")
+        )
+        model_cfg, vocab = model_spec(cfg, manifest)
+        assert model_cfg.vocab_size == vocab.size == padded
+        assert not vocab.real[400:].any() and vocab.num_real == 400 - 2  # pad and mask too
+
+
 def test_config_overrides_are_strict(dataset):
     from dlm_errors import ConfigError
 
@@ -243,6 +257,10 @@ def test_config_overrides_are_strict(dataset):
         load_config("default", ["train.steps=many"])
     with pytest.raises(ConfigError, match=r"not divisible by train\.micro_batch"):
         load_config("default", ["train.global_batch=12", "train.micro_batch=8"])
+    with pytest.raises(ConfigError, match=r"not divisible by parallel\.tensor=3"):
+        load_config("default", ["model.size=cpu-small", "parallel.tensor=3"])
+    with pytest.raises(ConfigError, match=r"fewer than parallel\.pipeline=5"):
+        load_config("default", ["model.size=cpu-small", "parallel.pipeline=5"])
     assert load_config("default", ["optim.lr=3e-4"]).optim.lr == 3e-4
 
 
