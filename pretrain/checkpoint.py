@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_pipeline.manifest import write_atomic
 from dlm_errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -80,15 +81,14 @@ def save(engine, run_dir: str | Path, state: LoopState, extra: dict) -> str:
     engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        write_json(staging / tag / META_FILE, {"step": state.step, "layout": extra["layout"]})
+        meta = {"step": state.step, "layout": extra["layout"]}
+        write_atomic(staging / tag / META_FILE, json.dumps(meta).encode())
         final = root / tag
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging / tag, final)
         shutil.rmtree(staging, ignore_errors=True)
-        tmp = root / (LATEST + ".tmp")
-        tmp.write_text(tag)
-        os.replace(tmp, root / LATEST)
+        write_atomic(root / LATEST, tag.encode())
     dist.barrier()
     return tag
 
@@ -154,9 +154,3 @@ def load(
         )
     torch.set_rng_state(client["rng"])
     return LoopState(**client["loop"]), client
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
