@@ -47,7 +47,7 @@ def train_step_seconds(cfg: ModelConfig, batch: int, groups) -> float:
 
     def step() -> None:
         logits = model((xt, mdlm.time_input(t)))
-        mdlm.per_token_loss(logits, x0, xt, t, vocab, "cross_entropy").mean().backward()
+        mdlm.per_token_loss(logits, x0, xt, t, vocab, loss_type="cross_entropy").mean().backward()
 
     return _best_seconds(step, 3)
 

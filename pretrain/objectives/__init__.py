@@ -2,9 +2,12 @@
 
 noise(x0, t, sample_ids, seed, vocab) -> xt           corruption, keyed by sample and position
 time_input(t) -> s                                    the scalar the adaLN conditioning sees
-per_token_loss(logits, x0, xt, t, vocab) -> [B, L]    the training loss per token, float32
-validation_loss(logits, x0, xt, t, vocab) -> [B, L]   the ELBO (exact NLL for AR)
+per_token_loss(logits, x0, xt, t, vocab, group) -> [B, L]   the training loss per token, f32
+validation_loss(logits, x0, xt, t, vocab, group) -> [B, L]  the ELBO (exact NLL for AR)
 CAUSAL                                                the attention pattern
+
+logits are this rank's vocabulary shard [B, L, V/tp]; `group` is the tensor-parallel group
+that holds the other shards (None: the whole vocabulary).
 """
 
 from pretrain.objectives import ar, duo, mdlm

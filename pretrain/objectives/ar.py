@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from pretrain.objectives.reductions import cross_entropy
 from pretrain.objectives.vocab import Vocab
@@ -24,11 +25,19 @@ def time_input(t: Tensor) -> Tensor:
     return torch.zeros_like(t)
 
 
-def per_token_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:
-    """Next-token NLL. logits [B, L, V] bf16|f32; x0, xt [B, L] int64; t [B] -> [B, L-1] f32"""
-    b, length, v = logits.shape
-    predicted = logits[:, :-1].reshape(b * (length - 1), v)
-    return cross_entropy(predicted, vocab.real, x0[:, 1:].reshape(-1)).view(b, length - 1)
+def per_token_loss(
+    logits: Tensor,
+    x0: Tensor,
+    xt: Tensor,
+    t: Tensor,
+    vocab: Vocab,
+    group: ProcessGroup | None = None,
+) -> Tensor:
+    """Next-token NLL. logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] -> [B, L-1] f32"""
+    b, length, width = logits.shape
+    predicted = logits[:, :-1].reshape(b * (length - 1), width)
+    targets = x0[:, 1:].reshape(-1)
+    return cross_entropy(predicted, vocab.real, targets, group).view(b, length - 1)
 
 
 validation_loss = per_token_loss  # exact NLL

@@ -21,10 +21,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from pretrain.objectives.corruption import corrupted, corruption_words
 from pretrain.objectives.randomness import below
-from pretrain.objectives.reductions import real_logits
+from pretrain.objectives.reductions import (
+    all_reduce_sum,
+    into_shards,
+    log_normaliser,
+    logit_at,
+    real_logits,
+)
 from pretrain.objectives.schedule import alpha, alpha_prime, sigma
 from pretrain.objectives.vocab import Vocab
 
@@ -46,20 +53,28 @@ def time_input(t: Tensor) -> Tensor:
     return sigma(t)
 
 
-def per_token_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:
+def per_token_loss(
+    logits: Tensor,
+    x0: Tensor,
+    xt: Tensor,
+    t: Tensor,
+    vocab: Vocab,
+    group: ProcessGroup | None = None,
+) -> Tensor:
     """Uniform-state ELBO per token. x0 must hold real ids.
 
-    logits [B, L, V] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32
+    logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32
     """
     k = vocab.num_real
     a = alpha(t.double()).unsqueeze(1)  # [B, 1] f64
     r = k * a / (1 - a)
-    masked = real_logits(logits, vocab.real)
-    log_p = masked - torch.logsumexp(masked, dim=-1, keepdim=True)  # [B, L, V] f32
-    y = r.unsqueeze(-1) * log_p.double().exp()
-    d = (torch.log1p(y) - y).sum(-1)  # D [B, L]
-    p_x = log_p.gather(-1, x0.unsqueeze(-1)).squeeze(-1).double().exp()
-    p_z = log_p.gather(-1, xt.unsqueeze(-1)).squeeze(-1).double().exp()
+    masked = real_logits(logits, vocab.real, group)
+    lse = log_normaliser(masked, group)  # [B, L] f32
+    log_p = masked - into_shards(lse, group).unsqueeze(-1)  # [B, L, V/tp] f32
+    y = r.unsqueeze(-1) * log_p.double().exp()  # r x̂
+    d = all_reduce_sum((torch.log1p(y) - y).sum(-1), group)  # D [B, L]
+    p_x = (logit_at(masked, x0, group) - lse).double().exp()
+    p_z = (logit_at(masked, xt, group) - lse).double().exp()
     y_x, y_z = r * p_x, r * p_z
     log1p_r = torch.log1p(r)
     h_z = y_z / (1 + y_z) - torch.log1p(y_z)

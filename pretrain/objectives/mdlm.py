@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from pretrain.objectives.corruption import corrupted, corruption_words
 from pretrain.objectives.reductions import cross_entropy
@@ -32,17 +33,30 @@ def time_input(t: Tensor) -> Tensor:
 
 
 def per_token_loss(
-    logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab, loss_type: str = "elbo"
+    logits: Tensor,
+    x0: Tensor,
+    xt: Tensor,
+    t: Tensor,
+    vocab: Vocab,
+    group: ProcessGroup | None = None,
+    loss_type: str = "elbo",
 ) -> Tensor:
-    """logits [B, L, V] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32"""
+    """logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32"""
     masked = xt == vocab.mask_id
     rows = masked.nonzero(as_tuple=True)  # only masked tokens are scored: carry-over
-    ce = cross_entropy(logits[rows], vocab.real, x0[rows])
+    ce = cross_entropy(logits[rows], vocab.real, x0[rows], group)
     if loss_type == "elbo":
         ce = ce / t.float()[rows[0]]
     return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)
 
 
-def validation_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:
+def validation_loss(
+    logits: Tensor,
+    x0: Tensor,
+    xt: Tensor,
+    t: Tensor,
+    vocab: Vocab,
+    group: ProcessGroup | None = None,
+) -> Tensor:
     """The ELBO, whatever the training loss_type (pitfall P18). -> [B, L] f32"""
-    return per_token_loss(logits, x0, xt, t, vocab, "elbo")
+    return per_token_loss(logits, x0, xt, t, vocab, group, "elbo")
