@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule
 from megatron.core import tensor_parallel
@@ -230,12 +231,23 @@ class OutputStage(nn.Module):
             cfg.hidden_size, cfg.vocab_size, config=_megatron_config(tp_group),
             init_method=_zeros, bias=True, gather_output=False, tp_group=tp_group,
         )  # fmt: skip
+        self.tp_group = tp_group
 
     def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
         x, cond = inputs
         shift, scale = self.modulation(cond).chunk(2, dim=-1)
         logits, _ = self.head(_modulate(self.norm(x), shift, scale, x.dtype))
         return logits.transpose(0, 1)  # [B, L, V/tp]
+
+    @torch.no_grad()
+    def full_logits(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
+        """The logits gathered over the tensor group, [B, L, V]: for sampling, never training."""
+        logits = self(inputs).contiguous()
+        if self.tp_group.size() == 1:
+            return logits
+        shards = [torch.empty_like(logits) for _ in range(self.tp_group.size())]
+        dist.all_gather(shards, logits, group=self.tp_group)
+        return torch.cat(shards, dim=-1)
 
 
 def build_pipeline(

@@ -44,7 +44,10 @@ def deepspeed_config(
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": accumulation_steps(train, dp_size),
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": 1},
+        "zero_optimization": {"stage": 1},  # the most DeepSpeed's pipeline engine allows
+        # Stages exchange (hidden, cond) and both need gradients; DeepSpeed's activation
+        # partitioning over the tensor group sends only the first tensor's gradient.
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         "bf16": {"enabled": runtime.dtype == torch.bfloat16},
         "optimizer": {
             "type": "AdamW",

@@ -4,8 +4,9 @@ with a greedy final step.
 Probabilities are float64 and each categorical draw inverts the CDF with one float64 uniform
 per position, drawn at the step that uses it (pitfalls P4, P5). Nucleus (top-p) filtering
 applies to the denoiser's distribution x̂ in every family (the reference ignores it for AR and
-MDLM, P3). Only real ids are ever sampled. The model is the pipeline's layer list on one
-process (tensor and pipeline size 1).
+MDLM, P3). Only real ids are ever sampled. The model is the pipeline's whole layer list
+(pipeline size 1); under tensor parallelism every rank gathers the full logits and, with the
+same seed, draws the same samples.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def denoiser(logits: Tensor, vocab: Vocab, top_p: float) -> Tensor:
 
 
 def _forward(layers: Sequence[nn.Module], tokens: Tensor, s: Tensor) -> Tensor:
+    """Full logits [N, L, V] (gathered over the tensor group)."""
+    *body, last = layers
     out = (tokens, s)
-    for layer in layers:
+    for layer in body:
         out = layer(out)
-    return out
+    return last.full_logits(out)
 
 
 def sample_ar(
@@ -76,7 +79,7 @@ def sample_ar(
         hidden, cond = first((tokens[:, -1:], s))
         for block, cache in zip(blocks, caches, strict=True):
             hidden = block.step(hidden, cond, cache)
-        p = denoiser(last((hidden, cond))[:, -1], vocab, cfg.top_p)
+        p = denoiser(last.full_logits((hidden, cond))[:, -1], vocab, cfg.top_p)
         tokens = torch.cat([tokens, categorical(p, generator).unsqueeze(1)], dim=1)
     return Samples(tokens, seq_len - 1)
 

@@ -23,6 +23,7 @@ from dlm_errors import ConfigError, DlmError
 from parallel.config import ModelConfig
 from parallel.groups import ProcessGroups, Runtime, init_process_groups
 from parallel.model import build_pipeline
+from parallel.stages import forward_through_stages
 from pretrain import checkpoint
 from pretrain.config import RunConfig, SamplingConfig
 from pretrain.engine import accumulation_steps, build_engine
@@ -42,6 +43,7 @@ class DivergenceError(DlmError):
 
 
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of 128 x tensor size
+DROPOUT_SEED_STRIDE = 100  # dropout seed = init_seed + 100 x pipeline stage (megatron's offset)
 
 
 def model_spec(cfg: RunConfig, manifest: Manifest) -> tuple[ModelConfig, Vocab]:
@@ -61,18 +63,21 @@ def model_spec(cfg: RunConfig, manifest: Manifest) -> tuple[ModelConfig, Vocab]:
     return model, vocab
 
 
-def _train_loss(objective, vocab: Vocab, loss_type: str, logits, labels) -> torch.Tensor:
-    """Token mean of the per-token loss over the micro-batch (§4.0)."""
+def _train_loss(objective, vocab: Vocab, loss_type: str, tp_group, logits, labels) -> torch.Tensor:
+    """Token mean of the per-token loss over the micro-batch (§4.0), on the last stage, from
+    this rank's vocabulary shard of the logits."""
     x0, xt, t = labels
     options = {"loss_type": loss_type} if objective is OBJECTIVES["mdlm"] else {}
-    return objective.per_token_loss(logits, x0, xt, t, vocab, **options).mean()
+    return objective.per_token_loss(logits, x0, xt, t, vocab, tp_group, **options).mean()
 
 
 def _noised_micro_batches(
     batches: Iterator, cfg: RunConfig, vocab: Vocab, groups: ProcessGroups, first_step: int
 ) -> Iterator[tuple]:
-    """((xt, s), (x0, xt, t)) per micro-batch. Row p of the global batch owns stratum p of t:
-    rank r, micro-step m holds rows r*G/dp + m*b + [0, b)."""
+    """((xt, s), (x0, xt, t)) per micro-batch: DeepSpeed hands the inputs to the first stage
+    and the labels to the last, each of which runs this generator over the same data and so
+    draws the same noise without communicating. Row p of the global batch owns stratum p of
+    t: data rank r, micro-step m holds rows r*G/dp + m*b + [0, b)."""
     objective = OBJECTIVES[cfg.objective.name]
     g, b = cfg.train.global_batch, cfg.train.micro_batch
     accum = accumulation_steps(cfg.train, groups.dp_size)
@@ -85,10 +90,12 @@ def _noised_micro_batches(
 
 
 @torch.no_grad()
-def validate(module, cfg: RunConfig, manifest: Manifest, vocab: Vocab, groups) -> float:
+def validate(
+    module, cfg: RunConfig, model_cfg: ModelConfig, manifest: Manifest, vocab: Vocab, groups
+) -> float:
     """The ELBO-based validation loss in nats/token (exact NLL for AR), summed in float64
-    over all ranks. t of sequence i is stratum i mod G of validation batch i // G, so the
-    figure does not depend on the layout."""
+    on the last stage over all data ranks. t of sequence i is stratum i mod G of validation
+    batch i // G, so the figure does not depend on the layout."""
     objective = OBJECTIVES[cfg.objective.name]
     seed, g = cfg.objective.seed + VALIDATION_SEED_OFFSET, cfg.train.global_batch
     total = torch.zeros(2, dtype=torch.float64)
@@ -100,11 +107,13 @@ def validate(module, cfg: RunConfig, manifest: Manifest, vocab: Vocab, groups) -
         ids = batch.sample_ids
         t = sample_t(seed, int(ids[0]) // g, ids % g, g)
         xt = objective.noise(batch.tokens, t, ids, seed, vocab)
-        logits = module((xt, objective.time_input(t)))
-        losses = objective.validation_loss(logits, batch.tokens, xt, t, vocab)
-        total += torch.tensor([losses.double().sum().item(), losses.numel()])
+        logits = forward_through_stages(module, (xt, objective.time_input(t)), model_cfg, groups)
+        if logits is not None:  # the last stage
+            losses = objective.validation_loss(logits, batch.tokens, xt, t, vocab, groups.tp_group)
+            total += torch.tensor([losses.double().sum().item(), losses.numel()])
     module.train()
     dist.all_reduce(total, group=groups.dp_group)
+    dist.all_reduce(total, group=groups.pp_group)  # only the last stage holds non-zeros
     return (total[0] / total[1]).item()
 
 
@@ -133,6 +142,7 @@ class _Run:
     cfg: RunConfig
     groups: ProcessGroups
     manifest: Manifest
+    model_cfg: ModelConfig
     vocab: Vocab
     engine: object  # deepspeed PipelineEngine
     loader: TrainLoader
@@ -185,11 +195,6 @@ def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.L
     """Process groups, data, model, engine, tracking; then the latest checkpoint, if any."""
     runtime = Runtime.detect(cfg.train.dtype or None)
     groups = init_process_groups(cfg.parallel, runtime)
-    if groups.pp_size > 1 or groups.tp_size > 1:
-        raise ConfigError(
-            "training with parallel.tensor > 1 or parallel.pipeline > 1 needs the vocab-parallel "
-            "losses and pipeline noise of issue 5; use 1 and 1 (data parallel works)"
-        )
     manifest = open_dataset(
         cfg.data.path, seq_len=cfg.data.seq_len, tokenizer_sha256=cfg.data.tokenizer_sha256
     )
@@ -211,8 +216,10 @@ def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.L
     if new_dp_size:
         checkpoint.convert_to_universal(run_dir)
 
-    torch.manual_seed(cfg.model.init_seed)  # dropout only: parameters and noise are keyed
-    loss_fn = partial(_train_loss, objective, vocab, cfg.objective.loss_type)
+    # Dropout only (parameters and noise are keyed): the same stream on every tensor rank, as
+    # dropout acts on activations replicated over the tensor group; its own on each stage.
+    torch.manual_seed(cfg.model.init_seed + DROPOUT_SEED_STRIDE * groups.pp_rank)
+    loss_fn = partial(_train_loss, objective, vocab, cfg.objective.loss_type, groups.tp_group)
     model = build_pipeline(model_cfg, groups, objective.CAUSAL, loss_fn=loss_fn)
     engine = build_engine(model, cfg.train, cfg.optim, runtime, groups, total_steps, new_dp_size)
     loader = TrainLoader(
@@ -228,7 +235,7 @@ def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.L
     tracker.log_params(cfg.flat())
     tracker.log_artifact(run_dir / "config.yaml")
     r = _Run(
-        cfg, groups, manifest, vocab, engine, loader, tracker,
+        cfg, groups, manifest, model_cfg, vocab, engine, loader, tracker,
         Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE), run_dir, layout, total_steps,
         flops_per_seq, device_peak_flops(cfg.train.peak_flops),
     )  # fmt: skip
@@ -308,22 +315,26 @@ def _save(r: _Run, state) -> None:
 
 
 def _validate_and_sample(r: _Run, state) -> None:
-    val = validate(r.engine.module, r.cfg, r.manifest, r.vocab, r.groups)
+    val = validate(r.engine.module, r.cfg, r.model_cfg, r.manifest, r.vocab, r.groups)
     r.history["validation (ELBO)"].append((state.step, val))
     log.info("validation at step %d: loss %.4f, perplexity %.2f", state.step, val, math.exp(val))
     r.tracker.log_metrics({"val/loss": val, "val/perplexity": math.exp(val)}, state.step)
-    if r.is_logger:
+    if r.groups.pp_size == 1:  # samplers need the whole model in one process
         _write_samples(r, state.step)
+    if r.is_logger:
         r.tracker.log_artifact(plot_losses(r.history, r.run_dir / "loss_curve.png"))
 
 
 def _write_samples(r: _Run, step: int) -> None:
+    """Every rank samples (tensor ranks gather the logits together); rank 0 writes."""
     samples = generate(
         r.cfg.objective.name, r.engine.module.forward_funcs, r.vocab,
         SamplingConfig(steps=r.cfg.train.sample_steps, num_samples=r.cfg.train.num_samples),
         r.manifest.seq_len, start_id=r.tokenizer.special.eos,
     )  # fmt: skip
     r.engine.module.train()
+    if not r.is_logger:
+        return
     text = "\n\n==========\n\n".join(r.tokenizer.decode(row.tolist()) for row in samples.tokens)
     path = r.run_dir / "samples" / f"step{step:08d}.txt"
     path.write_text(text)
