@@ -149,6 +149,8 @@ def _run_train(args: argparse.Namespace) -> int:
     # deepspeed and megatron-core take seconds to import: only the commands that train do
 
     cfg = load_run_config(args.preset, args.overrides)  # every check before any work
+    if not args.hostfile:  # with a hostfile the launcher decides the world size
+        cfg.check_world_size(args.nproc)
     if cfg.data.path == DEFAULT_DATA.out and not (Path(cfg.data.path) / MANIFEST_FILE).is_file():
         print(f"preparing the embedded default dataset in {DEFAULT_DATA.out} (once)")
         prepare_dataset(DEFAULT_DATA)

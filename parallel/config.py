@@ -88,6 +88,17 @@ class ParallelConfig:
         if self.tensor < 1 or self.pipeline < 1:
             raise ConfigError(f"parallel sizes must be >= 1, got {self}")
 
+    def data_parallel_size(self, world_size: int) -> int:
+        """world / (tensor x pipeline); the world must split evenly."""
+        model_parallel = self.tensor * self.pipeline
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor={self.tensor} x "
+                f"parallel.pipeline={self.pipeline}; launch a multiple of {model_parallel} "
+                "processes"
+            )
+        return world_size // model_parallel
+
 
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]

@@ -63,14 +63,7 @@ def init_process_groups(par: ParallelConfig, runtime: Runtime) -> ProcessGroups:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
             dist.init_process_group(runtime.backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(runtime.backend)
-    world = dist.get_world_size()
-    if world % (par.tensor * par.pipeline):
-        raise ConfigError(
-            f"world size {world} is not divisible by parallel.tensor={par.tensor} x "
-            f"parallel.pipeline={par.pipeline}; launch a multiple of {par.tensor * par.pipeline} "
-            "processes"
-        )
-    dp_size = world // (par.tensor * par.pipeline)
+    dp_size = par.data_parallel_size(dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(par.tensor, par.pipeline)
     topology = PipeModelDataParallelTopology(num_pp=par.pipeline, num_mp=par.tensor, num_dp=dp_size)

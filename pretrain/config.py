@@ -94,6 +94,17 @@ class TrainConfig:
                 f"({self.flops_budget})"
             )
 
+    def accumulation_steps(self, dp_size: int) -> int:
+        """Micro-batches per rank per step; the global batch must split evenly."""
+        per_step = self.micro_batch * dp_size
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} is not divisible by train.micro_batch="
+                f"{self.micro_batch} x data-parallel size {dp_size}; choose a global batch that "
+                f"is a multiple of {per_step}"
+            )
+        return self.global_batch // per_step
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
@@ -138,6 +149,11 @@ class RunConfig:
                 f"model.size={self.model.size} has {layers} layers, fewer than "
                 f"parallel.pipeline={pp} stages; use at most {layers} stages"
             )
+
+    def check_world_size(self, world_size: int) -> None:
+        """The layout checks that need the number of processes (`dlm train --nproc`), made
+        before anything is launched; the processes repeat them when they start."""
+        self.train.accumulation_steps(self.parallel.data_parallel_size(world_size))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

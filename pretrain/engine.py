@@ -8,21 +8,8 @@ import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from dlm_errors import ConfigError
 from parallel.groups import ProcessGroups, Runtime
 from pretrain.config import OptimConfig, TrainConfig
-
-
-def accumulation_steps(train: TrainConfig, dp_size: int) -> int:
-    """Micro-batches per rank per step; the global batch must split evenly."""
-    per_step = train.micro_batch * dp_size
-    if train.global_batch % per_step:
-        raise ConfigError(
-            f"train.global_batch={train.global_batch} is not divisible by train.micro_batch="
-            f"{train.micro_batch} x data-parallel size {dp_size}; choose a global batch that is "
-            f"a multiple of {per_step}"
-        )
-    return train.global_batch // per_step
 
 
 def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
@@ -42,7 +29,7 @@ def deepspeed_config(
         "checkpoint": {"load_universal": load_universal},
         "train_batch_size": train.global_batch,
         "train_micro_batch_size_per_gpu": train.micro_batch,
-        "gradient_accumulation_steps": accumulation_steps(train, dp_size),
+        "gradient_accumulation_steps": train.accumulation_steps(dp_size),
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": 1},  # the most DeepSpeed's pipeline engine allows
         # Stages exchange (hidden, cond) and both need gradients; DeepSpeed's activation

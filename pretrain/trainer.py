@@ -26,7 +26,7 @@ from parallel.model import build_pipeline
 from parallel.stages import forward_through_stages
 from pretrain import checkpoint
 from pretrain.config import RunConfig, SamplingConfig
-from pretrain.engine import accumulation_steps, build_engine
+from pretrain.engine import build_engine
 from pretrain.metrics import device_peak_flops, step_line
 from pretrain.objectives import OBJECTIVES
 from pretrain.objectives.schedule import sample_t
@@ -80,7 +80,7 @@ def _noised_micro_batches(
     t: data rank r, micro-step m holds rows r*G/dp + m*b + [0, b)."""
     objective = OBJECTIVES[cfg.objective.name]
     g, b = cfg.train.global_batch, cfg.train.micro_batch
-    accum = accumulation_steps(cfg.train, groups.dp_size)
+    accum = cfg.train.accumulation_steps(groups.dp_size)
     for k, batch in enumerate(batches):
         step, micro = first_step + k // accum, k % accum
         rows = groups.dp_rank * (g // groups.dp_size) + micro * b + torch.arange(b)
@@ -206,7 +206,7 @@ def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.L
     )
     if total_steps < 1:
         raise ConfigError(f"train.flops_budget={cfg.train.flops_budget:g} buys no step")
-    accumulation_steps(cfg.train, groups.dp_size)  # checks the batch sizes before building
+    cfg.train.accumulation_steps(groups.dp_size)  # checks the batch sizes before building
 
     run_dir = Path(cfg.train.run_dir)
     checkpoint.clean_incomplete(run_dir)

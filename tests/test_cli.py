@@ -43,3 +43,13 @@ def test_prepare_and_verify_through_the_cli(tmp_path, corpus_docs, capsys):
     assert main(["verify", str(out)]) == 0
     assert main(["verify", str(tmp_path / "missing")]) == 2
     assert "not a finished dataset" in capsys.readouterr().err
+
+
+def test_train_refuses_a_layout_that_does_not_split_before_launching(dataset, tmp_path, capsys):
+    common = ["train", "default", f"data.path={dataset}", f"train.run_dir={tmp_path / 'r'}"]
+    assert main([*common, "--nproc", "3", "parallel.tensor=2"]) == 2
+    assert "world size 3 is not divisible by parallel.tensor=2" in capsys.readouterr().err
+    batch = ["train.global_batch=16", "train.micro_batch=16"]
+    assert main([*common, "--nproc", "4", "parallel.tensor=2", *batch]) == 2
+    assert "micro_batch=16 x data-parallel size 2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing was launched

@@ -93,8 +93,8 @@ def _launch(args: list[str], run_dir: Path) -> subprocess.Popen:
     )
 
 
-def _torchrun(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+def _torchrun(dataset: Path, run_dir: Path, nproc: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-port", str(_free_port()), "-m", "launch.train", "default",
             *_overrides(dataset, run_dir, *extra)]  # fmt: skip
 
@@ -109,26 +109,35 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
     raise AssertionError(f"the run did not reach step {step}")
 
 
-def test_sigkill_and_resume_reproduce_every_loss(dataset, tmp_path):
-    """dp=2 through the deepspeed launcher uninterrupted, against the same run through
-    torchrun killed with SIGKILL at step 7 and started again: bitwise equal losses."""
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [(2, []), (4, ["parallel.tensor=2", "parallel.pipeline=2"])],
+    ids=["dp2", "tp2xpp2"],
+)
+def test_sigkill_and_resume_reproduce_every_loss(dataset, tmp_path, nproc, layout):
+    """A run through the deepspeed launcher uninterrupted, against the same run through
+    torchrun killed with SIGKILL at step 7 and started again: bitwise equal losses. The
+    tensor 2 x pipeline 2 run also equals one process (within 1e-5)."""
     steps = ["train.steps=12", "train.checkpoint_every=4", "train.val_every=100",
-             "data.num_workers=1"]  # fmt: skip
+             "data.num_workers=1", *layout]  # fmt: skip
     straight = tmp_path / "straight"
     code = subprocess.call(
-        [sys.executable, "-m", "launch.cli", "train", "default", "--nproc", "2",
+        [sys.executable, "-m", "launch.cli", "train", "default", "--nproc", str(nproc),
          *_overrides(dataset, straight, *steps)],
         env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     assert code == 0
     killed = tmp_path / "killed"
-    proc = _launch(_torchrun(dataset, killed, *steps), killed)
+    proc = _launch(_torchrun(dataset, killed, nproc, *steps), killed)
     _wait_for_step(killed, 7, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoints" / "latest").read_text() == "step00000004"
-    assert _launch(_torchrun(dataset, killed, *steps), killed).wait() == 0
+    assert _launch(_torchrun(dataset, killed, nproc, *steps), killed).wait() == 0
     assert _losses(killed) == _losses(straight)
+    if layout:
+        one = _losses(_train(dataset, tmp_path / "one", *steps[: -len(layout)]))
+        assert all(abs(one[s] - x) <= 1e-5 * abs(one[s]) for s, x in _losses(straight).items())
 
 
 def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
