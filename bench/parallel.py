@@ -9,8 +9,8 @@ and the bytes each kind of collective moved per step, next to the analytic count
   tensor all-reduce, per micro-batch: forward 1 (embedding) + 2 per block (attention out,
     MLP out); backward 2 per block (qkv and fc1 input gradients) + 1 (head input gradient);
     each [L, b, d] float32; plus the loss's per-token scalars, 3 x b(L-1) float32.
-  pipeline send/recv, per micro-batch and stage boundary: (hidden [L, b, d], cond [b, c])
-    forward and their gradients backward.
+  pipeline, per micro-batch: stage 0 sends (hidden [L, b, d], cond [b, c]) and receives
+    their gradients (the figures are rank 0's).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# Run as a script, this file's folder heads sys.path and its name would hide the `parallel`
+# package (imported inside the functions below, after this line).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
 GLOBAL_BATCH, MICRO_BATCH, VOCAB = 16, 4, 4096
 LAYOUTS = {"T1 P1": (1, 1), "T2": (2, 1), "P2": (1, 2)}
 COUNTED = ("all_reduce", "send", "recv", "isend", "irecv", "broadcast", "all_gather",
@@ -39,12 +43,15 @@ def _count_collectives(groups) -> Counter:
     """Wrap torch.distributed's collectives to add up the bytes each moves, by group."""
     moved: Counter = Counter()
 
+    names = {tuple(dist.get_process_group_ranks(g)): n
+             for n, g in (("pipeline", groups.pp_group), ("data", groups.dp_group),
+                          ("tensor", groups.tp_group))}  # fmt: skip
+
     def kind(group) -> str:
-        if group is groups.tp_group:
-            return "tensor"
-        if group is groups.dp_group:
-            return "data"
-        return "pipeline" if groups.pp_size > 1 and group is not None else "world"
+        ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+        if len(ranks) == 1:
+            return "group of 1: moves nothing"
+        return names.get(ranks, f"ranks {ranks}")
 
     def wrap(name: str, original):
         def counted(tensor, *args, **kwargs):
@@ -80,7 +87,8 @@ def _worker(size: str, seq_len: int, steps: int, out: Path) -> None:
     vocab = Vocab.build(VOCAB, mask_id=4)
 
     def loss_fn(logits, labels):
-        return ar.per_token_loss(logits, labels[0], labels[0], labels[1], vocab, groups.tp_group)
+        tokens, t = labels
+        return ar.per_token_loss(logits, tokens, tokens, t, vocab, groups.tp_group).mean()
 
     model = build_pipeline(cfg, groups, causal=True, loss_fn=loss_fn)
     train = TrainConfig(global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, steps=steps)
@@ -115,7 +123,7 @@ def analytic_bytes(size: str, seq_len: int) -> dict[str, float]:
     micro_batches = GLOBAL_BATCH // MICRO_BATCH
     activation = seq_len * MICRO_BATCH * d * 4
     tensor = (2 + 4 * layers) * activation + 3 * MICRO_BATCH * (seq_len - 1) * 4
-    boundary = 2 * (activation + MICRO_BATCH * COND_DIM * 4)  # forward + backward
+    boundary = activation + MICRO_BATCH * COND_DIM * 4  # one direction
     return {"tensor": micro_batches * tensor, "pipeline": micro_batches * boundary}
 
 
@@ -130,8 +138,8 @@ def main() -> None:
         _worker(args.size, args.seq_len, args.steps, args.worker)
         return
     expected = analytic_bytes(args.size, args.seq_len)
-    print(f"{args.size}, L={args.seq_len}, V={VOCAB}, global batch {GLOBAL_BATCH}, micro-batch "
-          f"{MICRO_BATCH}, float32, gloo, {os.cpu_count()} cores shared by all processes")  # fmt: skip
+    print(f"{args.size}, L={args.seq_len}, V={VOCAB}, global batch {GLOBAL_BATCH}, "
+          f"micro-batch {MICRO_BATCH}, float32, gloo, {os.cpu_count()} cores in all")  # fmt: skip
     base = None
     for name, (tensor, pipeline) in LAYOUTS.items():
         with tempfile.TemporaryDirectory() as tmp:
@@ -146,11 +154,13 @@ def main() -> None:
         base = base or result["seconds"]
         print(f"\n{name}: {result['seconds'] * 1e3:.0f} ms/step ({base / result['seconds']:.2f}x)")
         for key, moved in sorted(result["bytes"].items()):
-            print(f"  {key:<32} {moved / 2**20:9.2f} MiB/step")
+            print(f"  {key:<40} {moved / 2**20:9.2f} MiB/step")
         if tensor > 1:
-            print(f"  {'analytic tensor all-reduce':<32} {expected['tensor'] / 2**20:9.2f} MiB/step")
+            print(
+                f"  {'analytic tensor all-reduce':<40} {expected['tensor'] / 2**20:9.2f} MiB/step"
+            )
         if pipeline > 1:
-            print(f"  {'analytic pipeline send (= recv)':<32} "
+            print(f"  {'analytic send (= recv)':<40} "
                   f"{expected['pipeline'] / 2**20:9.2f} MiB/step")  # fmt: skip
 
 
