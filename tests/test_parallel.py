@@ -59,10 +59,12 @@ def _full_gradient(p: torch.nn.Parameter, grad: torch.Tensor, groups) -> torch.T
     return grad / groups.dp_size
 
 
-def _train_each_objective(rank: int, world: int, dataset: Path, out: Path, dp: int, extra: list):
+def _train_each_objective(
+    rank: int, world: int, dataset: Path, out: Path, dp: int, extra: list, names=tuple(OBJECTIVES)
+) -> None:
     torch.set_num_threads(1)  # several processes share 2 cores
     workers = 2 // dp  # two reader streams in every layout
-    for name in OBJECTIVES:
+    for name in names:
         run_dir = out / name
         cfg = load_config("default", [
             f"data.path={dataset}", f"train.run_dir={run_dir}", f"objective.name={name}",
@@ -98,13 +100,10 @@ def one_process(dataset, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_equals_one_process(dataset, tmp_path, one_process, layout):
-    processes, dp, extra = LAYOUTS[layout]
-    run_distributed(_train_each_objective, processes, dataset, tmp_path, dp, extra)
-    for name in OBJECTIVES:
-        ref_losses, ref_grads = _read(one_process, name)
-        losses, grads = _read(tmp_path, name)
+def _assert_same_training(reference: Path, out: Path, names=tuple(OBJECTIVES)) -> None:
+    for name in names:
+        ref_losses, ref_grads = _read(reference, name)
+        losses, grads = _read(out, name)
         assert len(losses) == STEPS
         for ref, got in zip(ref_losses, losses, strict=True):
             assert abs(got - ref) <= 1e-5 * abs(ref), (name, ref_losses, losses)
@@ -114,3 +113,21 @@ def test_layout_equals_one_process(dataset, tmp_path, one_process, layout):
             assert err < 1e-5, (name, key, err.item())
             if key[0] == 3:  # a parameter the loss does not reach would compare 0 with 0
                 assert ref.abs().max() > 0, (name, key)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_equals_one_process(dataset, tmp_path, one_process, layout):
+    processes, dp, extra = LAYOUTS[layout]
+    run_distributed(_train_each_objective, processes, dataset, tmp_path, dp, extra)
+    _assert_same_training(one_process, tmp_path)
+
+
+def test_dropout_under_tensor_parallelism_equals_one_process(dataset, tmp_path, one_process):
+    """Dropout acts on activations that are replicated over the tensor group (after the
+    row-parallel all-reduce): every tensor rank draws the masks one process draws."""
+    dropout = ["model.dropout=0.2"]
+    run_distributed(_train_each_objective, 1, dataset, tmp_path / "one", 1, dropout, ("mdlm",))
+    tp2 = [*dropout, "parallel.tensor=2"]
+    run_distributed(_train_each_objective, 2, dataset, tmp_path / "tp2", 1, tp2, ("mdlm",))
+    _assert_same_training(tmp_path / "one", tmp_path / "tp2", ("mdlm",))
+    assert _read(tmp_path / "one", "mdlm")[0] != _read(one_process, "mdlm")[0]  # it did drop
