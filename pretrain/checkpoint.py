@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from data_pipeline.manifest import write_atomic
 from dlm_errors import CheckpointError
@@ -154,3 +155,28 @@ def load(
         )
     torch.set_rng_state(client["rng"])
     return LoopState(**client["loop"]), client
+
+
+def load_weights(module, run_dir: str | Path) -> None:
+    """The parameters of the latest checkpoint, whatever tensor and pipeline sizes saved them,
+    into a PipelineModule of this process's layout (sampling, export): each layer's tensor
+    shards are joined along megatron's partition_dim and cut again for this layout. A resumed
+    training run needs its saved tensor and pipeline sizes instead (optimizer shards)."""
+    folder = checkpoint_dir(run_dir) / latest_tag(run_dir)
+    for index, layer in enumerate(module.forward_funcs):
+        files = module.ckpt_layer_path_list(str(folder), index)  # one per saved tensor rank
+        if not files:
+            raise CheckpointError(f"{folder} holds no parameters for layer {index}")
+        saved = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        state = {}
+        for name, tensor in layer.state_dict(keep_vars=True).items():
+            state[name] = _reshard(tensor, [shard[name] for shard in saved])
+        layer.load_state_dict(state)
+
+
+def _reshard(param: torch.Tensor, shards: list[torch.Tensor]) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return shards[0]  # replicated over the tensor group
+    full = torch.cat(shards, param.partition_dim)
+    group = parallel_state.get_tensor_model_parallel_group()
+    return full.chunk(group.size(), param.partition_dim)[group.rank()]

@@ -9,11 +9,11 @@ from pathlib import Path
 from data_pipeline import Tokenizer, open_dataset
 from data_pipeline.manifest import TOKENIZER_FILE
 from dlm_errors import CheckpointError
+from parallel.config import ParallelConfig
 from parallel.groups import Runtime, init_process_groups
 from parallel.model import build_pipeline
 from pretrain import checkpoint
 from pretrain.config import SamplingConfig, load_config
-from pretrain.engine import build_engine
 from pretrain.objectives import OBJECTIVES
 from pretrain.sampling import generate
 from pretrain.trainer import model_spec
@@ -33,19 +33,17 @@ def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
     if not config_file.is_file() or checkpoint.latest_tag(run_dir) is None:
         raise CheckpointError(f"{run_dir} holds no finished checkpoint; train it with `dlm train`")
     cfg = load_config(str(config_file), [])
-    groups = init_process_groups(cfg.parallel, Runtime.detect(cfg.train.dtype or None))
+    runtime = Runtime.detect()
+    groups = init_process_groups(ParallelConfig(), runtime)  # one process, any saved layout
     manifest = open_dataset(cfg.data.path)
-    model_cfg, vocab = model_spec(cfg, manifest)
+    model_cfg, vocab = model_spec(cfg, manifest)  # the vocabulary padding the run trained with
     model = build_pipeline(model_cfg, groups, OBJECTIVES[cfg.objective.name].CAUSAL)
-    engine = build_engine(model, cfg.train, cfg.optim, Runtime.detect(), groups, total_steps=1)
-    engine.load_checkpoint(
-        str(checkpoint.checkpoint_dir(run_dir)), tag=checkpoint.latest_tag(run_dir),
-        load_optimizer_states=False, load_lr_scheduler_states=False,
-    )  # fmt: skip
+    checkpoint.load_weights(model, run_dir)
+    model.to(runtime.device)
     tokenizer = Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE)
     start = time.perf_counter()
     samples = generate(
-        cfg.objective.name, engine.module.forward_funcs, vocab, sampling, manifest.seq_len,
+        cfg.objective.name, model.forward_funcs, vocab, sampling, manifest.seq_len,
         start_id=tokenizer.special.eos,
     )  # fmt: skip
     seconds = time.perf_counter() - start
