@@ -77,16 +77,27 @@ def parameter_count(cfg: ModelConfig) -> int:
     return cfg.n_layers * block + v * d + time_embedding + d + v * d + v + 2 * c * d + 2 * d
 
 
+PARTITIONS = ("parameters", "uniform")  # DeepSpeed PipelineModule partition methods
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     """The parallel layout; data parallel = world / (tensor x pipeline)."""
 
     tensor: int = field(default=1, metadata={"help": "tensor-parallel size"})
     pipeline: int = field(default=1, metadata={"help": "pipeline-parallel size"})
+    partition: str = field(
+        default="parameters",
+        metadata={"help": "pipeline stages balanced by parameter count, or uniform by layers"},
+    )
 
     def __post_init__(self) -> None:
         if self.tensor < 1 or self.pipeline < 1:
             raise ConfigError(f"parallel sizes must be >= 1, got {self}")
+        if self.partition not in PARTITIONS:
+            raise ConfigError(
+                f"parallel.partition={self.partition!r} is not one of {', '.join(PARTITIONS)}"
+            )
 
     def data_parallel_size(self, world_size: int) -> int:
         """world / (tensor x pipeline); the world must split evenly."""

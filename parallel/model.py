@@ -251,13 +251,18 @@ class OutputStage(nn.Module):
 
 
 def build_pipeline(
-    cfg: ModelConfig, groups: ProcessGroups, causal: bool, loss_fn: Callable | None = None
+    cfg: ModelConfig,
+    groups: ProcessGroups,
+    causal: bool,
+    loss_fn: Callable | None = None,
+    partition: str = "parameters",
 ) -> PipelineModule:
-    """The model as DeepSpeed layer specs, cut into stages balanced by parameters; each stage
-    builds only its own layers. Between stages flows (hidden [L, B, d], cond [B, c])."""
+    """The model as DeepSpeed layer specs, cut into stages balanced by `partition`
+    ("parameters" or "uniform" layers); each stage builds only its own layers. Between
+    stages flows (hidden [L, B, d], cond [B, c])."""
     tp_group = groups.tp_group
     blocks = [LayerSpec(DiTBlock, cfg, i + 1, tp_group, causal) for i in range(cfg.n_layers)]
     specs = [LayerSpec(InputStage, cfg, tp_group), *blocks, LayerSpec(OutputStage, cfg, tp_group)]
     return PipelineModule(
-        specs, topology=groups.topology, loss_fn=loss_fn, partition_method="parameters"
+        specs, topology=groups.topology, loss_fn=loss_fn, partition_method=partition
     )

@@ -220,7 +220,9 @@ def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.L
     # dropout acts on activations replicated over the tensor group; its own on each stage.
     torch.manual_seed(cfg.model.init_seed + DROPOUT_SEED_STRIDE * groups.pp_rank)
     loss_fn = partial(_train_loss, objective, vocab, cfg.objective.loss_type, groups.tp_group)
-    model = build_pipeline(model_cfg, groups, objective.CAUSAL, loss_fn=loss_fn)
+    model = build_pipeline(
+        model_cfg, groups, objective.CAUSAL, loss_fn=loss_fn, partition=cfg.parallel.partition
+    )
     engine = build_engine(model, cfg.train, cfg.optim, runtime, groups, total_steps, new_dp_size)
     loader = TrainLoader(
         cfg.data.path, manifest, micro_batch_size=cfg.train.micro_batch,

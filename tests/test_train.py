@@ -282,6 +282,8 @@ def test_config_overrides_are_strict(dataset):
         load_config("default", ["model.size=cpu-small", "parallel.tensor=3"])
     with pytest.raises(ConfigError, match=r"fewer than parallel\.pipeline=5"):
         load_config("default", ["model.size=cpu-small", "parallel.pipeline=5"])
+    with pytest.raises(ConfigError, match=r"parallel\.partition='balanced' is not one of"):
+        load_config("default", ["parallel.partition=balanced"])
     assert load_config("default", ["optim.lr=3e-4"]).optim.lr == 3e-4
 
 
