@@ -7,7 +7,8 @@ validation_loss(logits, x0, xt, t, vocab, group) -> [B, L]  the ELBO (exact NLL 
 CAUSAL                                                the attention pattern
 
 logits are this rank's vocabulary shard [B, L, V/tp]; `group` is the tensor-parallel group
-that holds the other shards (None: the whole vocabulary).
+that holds the other shards (None: the whole vocabulary). `fused=True` computes the losses
+with the memory-lean kernels of pretrain.kernels (same results).
 """
 
 from pretrain.objectives import ar, duo, mdlm

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from pretrain.kernels import chunked
 from pretrain.objectives.reductions import cross_entropy
 from pretrain.objectives.vocab import Vocab
 
@@ -32,12 +33,14 @@ def per_token_loss(
     t: Tensor,
     vocab: Vocab,
     group: ProcessGroup | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """Next-token NLL. logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] -> [B, L-1] f32"""
     b, length, width = logits.shape
     predicted = logits[:, :-1].reshape(b * (length - 1), width)
     targets = x0[:, 1:].reshape(-1)
-    return cross_entropy(predicted, vocab.real, targets, group).view(b, length - 1)
+    loss = chunked.cross_entropy if fused else cross_entropy
+    return loss(predicted, vocab.real, targets, group).view(b, length - 1)
 
 
 validation_loss = per_token_loss  # exact NLL

@@ -13,8 +13,8 @@ and grouping the terms that cancel into functions that are small where their arg
                  + ((K - 1) log1p(r) - K λ_x + r + D) / (1 + r)
     loss = alpha' / (K alpha) * B
 
-The per-token algebra and D run in float64 (D as a [B, L, V] float64 temporary: the fused
-kernels of issue 6 remove it).
+The per-token algebra and D run in float64 (in plain PyTorch D needs a [B, L, V] float64
+temporary; the fused path sums it block by block).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from pretrain.kernels import chunked
 from pretrain.objectives.corruption import corrupted, corruption_words
 from pretrain.objectives.randomness import below
 from pretrain.objectives.reductions import (
@@ -60,21 +61,24 @@ def per_token_loss(
     t: Tensor,
     vocab: Vocab,
     group: ProcessGroup | None = None,
+    fused: bool = False,
 ) -> Tensor:
-    """Uniform-state ELBO per token. x0 must hold real ids.
+    """Uniform-state ELBO per token. x0 must hold real ids. `fused`: the vocabulary sums by
+    the memory-lean kernels (pretrain.kernels) instead of plain PyTorch.
 
     logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32
     """
     k = vocab.num_real
     a = alpha(t.double()).unsqueeze(1)  # [B, 1] f64
     r = k * a / (1 - a)
-    masked = real_logits(logits, vocab.real, group)
-    lse = log_normaliser(masked, group)  # [B, L] f32
-    log_p = masked - into_shards(lse, group).unsqueeze(-1)  # [B, L, V/tp] f32
-    y = r.unsqueeze(-1) * log_p.double().exp()  # r x̂
-    d = all_reduce_sum((torch.log1p(y) - y).sum(-1), group)  # D [B, L]
-    p_x = (logit_at(masked, x0, group) - lse).double().exp()
-    p_z = (logit_at(masked, xt, group) - lse).double().exp()
+    if fused:
+        width = logits.shape[-1]
+        d, p_x, p_z = (s.view(x0.shape) for s in chunked.duo_statistics(
+            logits.reshape(-1, width), vocab.real, x0.reshape(-1), xt.reshape(-1),
+            r.expand(x0.shape).reshape(-1), group,
+        ))  # fmt: skip
+    else:
+        d, p_x, p_z = _statistics(logits, x0, xt, r, vocab, group)
     y_x, y_z = r * p_x, r * p_z
     log1p_r = torch.log1p(r)
     h_z = y_z / (1 + y_z) - torch.log1p(y_z)
@@ -85,6 +89,18 @@ def per_token_loss(
     ) / (1 + r)
     bracket = torch.where(x0 == xt, same, differ)
     return (alpha_prime(t.double()).unsqueeze(1) / (k * a) * bracket).float()
+
+
+def _statistics(logits, x0, xt, r, vocab, group) -> tuple[Tensor, Tensor, Tensor]:
+    """(D, x̂[x0], x̂[xt]) [B, L] f64 in plain PyTorch: a [B, L, V/tp] float64 temporary."""
+    masked = real_logits(logits, vocab.real, group)
+    lse = log_normaliser(masked, group)  # [B, L] f32
+    log_p = masked - into_shards(lse, group).unsqueeze(-1)  # [B, L, V/tp] f32
+    y = r.unsqueeze(-1) * log_p.double().exp()  # r x̂
+    d = all_reduce_sum((torch.log1p(y) - y).sum(-1), group)
+    p_x = (logit_at(masked, x0, group) - lse).double().exp()
+    p_z = (logit_at(masked, xt, group) - lse).double().exp()
+    return d, p_x, p_z
 
 
 validation_loss = per_token_loss

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from pretrain.kernels import chunked
 from pretrain.objectives.corruption import corrupted, corruption_words
 from pretrain.objectives.reductions import cross_entropy
 from pretrain.objectives.schedule import alpha
@@ -40,11 +41,13 @@ def per_token_loss(
     vocab: Vocab,
     group: ProcessGroup | None = None,
     loss_type: str = "elbo",
+    fused: bool = False,
 ) -> Tensor:
     """logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32"""
     masked = xt == vocab.mask_id
     rows = masked.nonzero(as_tuple=True)  # only masked tokens are scored: carry-over
-    ce = cross_entropy(logits[rows], vocab.real, x0[rows], group)
+    loss = chunked.cross_entropy if fused else cross_entropy
+    ce = loss(logits[rows], vocab.real, x0[rows], group)
     if loss_type == "elbo":
         ce = ce / t.float()[rows[0]]
     return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)

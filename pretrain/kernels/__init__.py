@@ -1,0 +1,1 @@
+"""Fused losses over vocabulary-parallel logits. `chunked`: the PyTorch twins (CPU)."""
