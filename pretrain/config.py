@@ -41,6 +41,9 @@ class ObjectiveConfig:
         default="cross_entropy", metadata={"help": "MDLM training loss: elbo or cross_entropy"}
     )
     seed: int = field(default=0, metadata={"help": "seed of t and of the corruption"})
+    fused: bool = field(
+        default=True, metadata={"help": "memory-lean loss kernels (false: plain PyTorch)"}
+    )
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:

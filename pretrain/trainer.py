@@ -63,12 +63,15 @@ def model_spec(cfg: RunConfig, manifest: Manifest) -> tuple[ModelConfig, Vocab]:
     return model, vocab
 
 
-def _train_loss(objective, vocab: Vocab, loss_type: str, tp_group, logits, labels) -> torch.Tensor:
+def _train_loss(cfg: RunConfig, vocab: Vocab, tp_group, logits, labels) -> torch.Tensor:
     """Token mean of the per-token loss over the micro-batch (§4.0), on the last stage, from
     this rank's vocabulary shard of the logits."""
     x0, xt, t = labels
-    options = {"loss_type": loss_type} if objective is OBJECTIVES["mdlm"] else {}
-    return objective.per_token_loss(logits, x0, xt, t, vocab, tp_group, **options).mean()
+    objective = OBJECTIVES[cfg.objective.name]
+    options = {"loss_type": cfg.objective.loss_type} if objective is OBJECTIVES["mdlm"] else {}
+    return objective.per_token_loss(
+        logits, x0, xt, t, vocab, tp_group, fused=cfg.objective.fused, **options
+    ).mean()
 
 
 def _noised_micro_batches(
@@ -109,7 +112,9 @@ def validate(
         xt = objective.noise(batch.tokens, t, ids, seed, vocab)
         logits = forward_through_stages(module, (xt, objective.time_input(t)), model_cfg, groups)
         if logits is not None:  # the last stage
-            losses = objective.validation_loss(logits, batch.tokens, xt, t, vocab, groups.tp_group)
+            losses = objective.validation_loss(
+                logits, batch.tokens, xt, t, vocab, groups.tp_group, fused=cfg.objective.fused
+            )
             total += torch.tensor([losses.double().sum().item(), losses.numel()])
     module.train()
     dist.all_reduce(total, group=groups.dp_group)
@@ -219,7 +224,7 @@ def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.L
     # Dropout only (parameters and noise are keyed): the same stream on every tensor rank, as
     # dropout acts on activations replicated over the tensor group; its own on each stage.
     torch.manual_seed(cfg.model.init_seed + DROPOUT_SEED_STRIDE * groups.pp_rank)
-    loss_fn = partial(_train_loss, objective, vocab, cfg.objective.loss_type, groups.tp_group)
+    loss_fn = partial(_train_loss, cfg, vocab, groups.tp_group)
     model = build_pipeline(
         model_cfg, groups, objective.CAUSAL, loss_fn=loss_fn, partition=cfg.parallel.partition
     )

@@ -32,27 +32,39 @@ def _all_reduce(x: Tensor, group: ProcessGroup | None, op=dist.ReduceOp.SUM) -> 
     return x
 
 
-def _blocks(logits: Tensor, real: Tensor, dtype: torch.dtype = torch.float32):
-    """(lo, hi, block [N, hi - lo] in dtype with -inf at non-real ids) over the columns."""
-    for lo in range(0, logits.shape[1], CHUNK):
-        hi = min(lo + CHUNK, logits.shape[1])
-        yield lo, hi, logits[:, lo:hi].to(dtype).masked_fill(~real[lo:hi], float("-inf"))
+Rows = tuple[Tensor, ...]  # index tensors [n] into the leading dimensions of the logits
+
+
+def all_rows(logits: Tensor) -> Rows:
+    """Every position of logits [..., W], as index tensors (row-major order)."""
+    grid = torch.meshgrid(*(torch.arange(n, device=logits.device) for n in logits.shape[:-1]),
+                          indexing="ij")  # fmt: skip
+    return tuple(index.flatten() for index in grid)
+
+
+def _blocks(logits: Tensor, rows: Rows, real: Tensor, dtype: torch.dtype = torch.float32):
+    """(lo, hi, block [n, hi - lo]): the selected rows' logits in dtype, a copy, with -inf at
+    non-real ids, over the columns. logits may be any strided view: nothing else is copied."""
+    for lo in range(0, logits.shape[-1], CHUNK):
+        hi = min(lo + CHUNK, logits.shape[-1])
+        block = logits[(*rows, slice(lo, hi))].to(dtype)
+        yield lo, hi, block.masked_fill_(~real[lo:hi], float("-inf"))
 
 
 def _local_real(logits: Tensor, real: Tensor, group: ProcessGroup | None) -> tuple[Tensor, int]:
     """This shard's slice of the [V] real mask, and its first global id."""
-    width = logits.shape[1]
+    width = logits.shape[-1]
     start = 0 if group is None else dist.get_rank(group) * width
     return real[start : start + width].to(logits.device), start
 
 
-def log_normaliser(logits: Tensor, real: Tensor, group: ProcessGroup | None) -> Tensor:
-    """lse [N] f32 over the real ids of every shard: one pass with a running max (kept
-    finite, so that a block without real ids adds exp(-inf) = 0, never nan)."""
+def log_normaliser(logits: Tensor, rows: Rows, real: Tensor, group: ProcessGroup | None) -> Tensor:
+    """lse [n] f32 of the selected rows over the real ids of every shard: one pass with a
+    running max (kept finite, so that a block without real ids adds exp(-inf) = 0)."""
     lowest = torch.finfo(torch.float32).min
-    shift = torch.full((logits.shape[0],), lowest, device=logits.device)
+    shift = torch.full(rows[0].shape, lowest, device=logits.device)
     total = torch.zeros_like(shift)
-    for _, _, block in _blocks(logits, real):
+    for _, _, block in _blocks(logits, rows, real):
         new_shift = torch.maximum(shift, block.amax(1))
         total = total * (shift - new_shift).exp() + (block - new_shift.unsqueeze(1)).exp().sum(1)
         shift = new_shift
@@ -61,12 +73,16 @@ def log_normaliser(logits: Tensor, real: Tensor, group: ProcessGroup | None) -> 
     return total.log() + top
 
 
-def logit_at(logits: Tensor, ids: Tensor, start: int, group: ProcessGroup | None) -> Tensor:
-    """The float32 logit at global `ids` [N], from whichever shard holds it."""
+def logit_at(
+    logits: Tensor, rows: Rows, ids: Tensor, start: int, group: ProcessGroup | None
+) -> Tensor:
+    """The float32 logit of each selected row at its global id, from whichever shard holds it.
+    ids [n] -> [n]"""
+    width = logits.shape[-1]
     local = ids - start
-    here = (local >= 0) & (local < logits.shape[1])
-    picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
-    return _all_reduce(torch.where(here, picked.float(), 0.0), group)
+    here = (local >= 0) & (local < width)
+    picked = logits[(*rows, local.clamp(0, width - 1))].float()
+    return _all_reduce(torch.where(here, picked, 0.0), group)
 
 
 def _subtract_at(block: Tensor, ids: Tensor, lo: int, values: Tensor) -> None:
@@ -79,45 +95,48 @@ def _subtract_at(block: Tensor, ids: Tensor, lo: int, values: Tensor) -> None:
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, real, targets, group):
+    def forward(ctx, logits, real, targets, group, *rows):
         local_real, start = _local_real(logits, real, group)
-        lse = log_normaliser(logits, local_real, group)
-        loss = lse - logit_at(logits, targets, start, group)
-        ctx.save_for_backward(logits, local_real, targets - start, lse)
+        lse = log_normaliser(logits, rows, local_real, group)
+        loss = lse - logit_at(logits, rows, targets, start, group)
+        ctx.save_for_backward(logits, local_real, targets - start, lse, *rows)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        logits, local_real, local_targets, lse = ctx.saved_tensors
-        out = torch.empty_like(logits)
-        for lo, hi, block in _blocks(logits, local_real):
+        logits, local_real, local_targets, lse, *rows = ctx.saved_tensors
+        out = torch.zeros_like(logits)  # rows not selected have no gradient
+        for lo, hi, block in _blocks(logits, rows, local_real):
             block.sub_(lse.unsqueeze(1)).exp_()  # p_j
             _subtract_at(block, local_targets, lo, torch.ones_like(lse))
-            out[:, lo:hi] = block.mul_(grad.unsqueeze(1))
-        return out, None, None, None
+            out[(*rows, slice(lo, hi))] = block.mul_(grad.unsqueeze(1)).to(out.dtype)
+        return out, None, None, None, *(None for _ in rows)
 
 
 def cross_entropy(
-    logits: Tensor, real: Tensor, targets: Tensor, group: ProcessGroup | None = None
+    logits: Tensor, real: Tensor, targets: Tensor, rows: Rows, group: ProcessGroup | None = None
 ) -> Tensor:
-    """-log x̂[targets] over the real ids: logits [N, V/tp] bf16|f32, targets [N] -> [N] f32"""
-    return _CrossEntropy.apply(logits, real, targets, group)
+    """-log x̂[targets] over the real ids at the selected rows, read in place.
+    logits [..., V/tp] bf16|f32 (any strides); rows, targets [n] -> [n] f32"""
+    return _CrossEntropy.apply(logits, real, targets, group, *rows)
 
 
 class _DuoStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, real, x0, xt, r, group):
         local_real, start = _local_real(logits, real, group)
-        lse = log_normaliser(logits, local_real, group)
-        sums = torch.zeros(2, logits.shape[0], dtype=torch.float64, device=logits.device)
-        for _, _, block in _blocks(logits, local_real, torch.float64):
+        rows = all_rows(logits)
+        lse = log_normaliser(logits, rows, local_real, group)
+        sums = torch.zeros(2, len(rows[0]), dtype=torch.float64, device=logits.device)
+        for _, _, block in _blocks(logits, rows, local_real, torch.float64):
             y = block.sub_(lse.double().unsqueeze(1)).exp_().mul_(r.unsqueeze(1))
             sums[0] += (torch.log1p(y) - y).sum(1)  # D
             sums[1] -= (y * y / (1 + y)).sum(1)  # E = sum g'(y) y
         _all_reduce(sums, group)
-        p_x = (logit_at(logits, x0, start, group) - lse).double().exp()
-        p_z = (logit_at(logits, xt, start, group) - lse).double().exp()
+        p_x = (logit_at(logits, rows, x0, start, group) - lse).double().exp()
+        p_z = (logit_at(logits, rows, xt, start, group) - lse).double().exp()
         ctx.save_for_backward(logits, local_real, x0 - start, xt - start, r, lse, sums[1], p_x, p_z)
+        ctx.rows = rows
         return sums[0], p_x, p_z
 
     @staticmethod
@@ -125,21 +144,23 @@ class _DuoStatistics(torch.autograd.Function):
         logits, local_real, x_local, z_local, r, lse, e, p_x, p_z = ctx.saved_tensors
         common = (grad_d * e + grad_x * p_x + grad_z * p_z).unsqueeze(1)
         out = torch.empty_like(logits)
-        for lo, hi, block in _blocks(logits, local_real, torch.float64):
+        for lo, hi, block in _blocks(logits, ctx.rows, local_real, torch.float64):
             p = block.sub_(lse.double().unsqueeze(1)).exp_()
             y = r.unsqueeze(1) * p
             grad = grad_d.unsqueeze(1) * (-y * y / (1 + y)) - p * common
             _subtract_at(grad, x_local, lo, -grad_x * p_x)
             _subtract_at(grad, z_local, lo, -grad_z * p_z)
-            out[:, lo:hi] = grad
+            out[(*ctx.rows, slice(lo, hi))] = grad.to(out.dtype)
         return out, None, None, None, None, None
 
 
 def duo_statistics(
     logits: Tensor, real: Tensor, x0: Tensor, xt: Tensor, r: Tensor, group=None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(D, x̂[x0], x̂[xt]) float64 [N] for Duo's per-token algebra, differentiable.
+    """(D, x̂[x0], x̂[xt]) float64 for Duo's per-token algebra, differentiable.
 
-    logits [N, V/tp] bf16|f32; x0, xt [N] global ids; r [N] float64 (K alpha / (1 - alpha))
+    logits [..., V/tp] bf16|f32 (any strides); x0, xt, r [...] (r = K alpha / (1 - alpha),
+    float64) -> three [...] float64
     """
-    return _DuoStatistics.apply(logits, real, x0, xt, r, group)
+    d, p_x, p_z = _DuoStatistics.apply(logits, real, x0.flatten(), xt.flatten(), r.flatten(), group)
+    return d.view(x0.shape), p_x.view(x0.shape), p_z.view(x0.shape)

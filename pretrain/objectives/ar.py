@@ -37,10 +37,12 @@ def per_token_loss(
 ) -> Tensor:
     """Next-token NLL. logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] -> [B, L-1] f32"""
     b, length, width = logits.shape
-    predicted = logits[:, :-1].reshape(b * (length - 1), width)
     targets = x0[:, 1:].reshape(-1)
-    loss = chunked.cross_entropy if fused else cross_entropy
-    return loss(predicted, vocab.real, targets, group).view(b, length - 1)
+    if fused:  # reads the logits in place
+        rows = chunked.all_rows(logits[:, :-1])
+        return chunked.cross_entropy(logits, vocab.real, targets, rows, group).view(b, length - 1)
+    predicted = logits[:, :-1].reshape(b * (length - 1), width)
+    return cross_entropy(predicted, vocab.real, targets, group).view(b, length - 1)
 
 
 validation_loss = per_token_loss  # exact NLL

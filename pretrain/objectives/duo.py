@@ -72,11 +72,7 @@ def per_token_loss(
     a = alpha(t.double()).unsqueeze(1)  # [B, 1] f64
     r = k * a / (1 - a)
     if fused:
-        width = logits.shape[-1]
-        d, p_x, p_z = (s.view(x0.shape) for s in chunked.duo_statistics(
-            logits.reshape(-1, width), vocab.real, x0.reshape(-1), xt.reshape(-1),
-            r.expand(x0.shape).reshape(-1), group,
-        ))  # fmt: skip
+        d, p_x, p_z = chunked.duo_statistics(logits, vocab.real, x0, xt, r.expand(x0.shape), group)
     else:
         d, p_x, p_z = _statistics(logits, x0, xt, r, vocab, group)
     y_x, y_z = r * p_x, r * p_z

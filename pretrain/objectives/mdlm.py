@@ -46,8 +46,10 @@ def per_token_loss(
     """logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32"""
     masked = xt == vocab.mask_id
     rows = masked.nonzero(as_tuple=True)  # only masked tokens are scored: carry-over
-    loss = chunked.cross_entropy if fused else cross_entropy
-    ce = loss(logits[rows], vocab.real, x0[rows], group)
+    if fused:  # reads the masked rows in place
+        ce = chunked.cross_entropy(logits, vocab.real, x0[rows], rows, group)
+    else:
+        ce = cross_entropy(logits[rows], vocab.real, x0[rows], group)
     if loss_type == "elbo":
         ce = ce / t.float()[rows[0]]
     return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)
@@ -60,6 +62,7 @@ def validation_loss(
     t: Tensor,
     vocab: Vocab,
     group: ProcessGroup | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """The ELBO, whatever the training loss_type (pitfall P18). -> [B, L] f32"""
-    return per_token_loss(logits, x0, xt, t, vocab, group, "elbo")
+    return per_token_loss(logits, x0, xt, t, vocab, group, "elbo", fused)
