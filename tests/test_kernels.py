@@ -1,11 +1,13 @@
-"""The memory-lean loss twins (pretrain.kernels.chunked) against float64 references and
+"""The memory-lean loss twins (pretrain.kernels, chunked backend) against float64 references and
 against the plain PyTorch path: losses and logit gradients, on fresh random inputs with a
 vocabulary that is not a multiple of the block size, t near 1e-3 and near 1, x0 == xt and
 x0 != xt, masked and unmasked positions; bf16 logits within bf16 tolerance; and two
-tensor-parallel ranks against one."""
+tensor-parallel ranks against one. Both backends: the chunked twins and the Triton kernels
+(interpreted on CPU: conftest sets TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,11 @@ from distributed import run_distributed
 from test_objectives import REFERENCES
 
 from pretrain.kernels import chunked
+from pretrain.kernels.losses import KERNELS_ENV
 from pretrain.objectives import OBJECTIVES
 from pretrain.objectives.vocab import Vocab
+
+BACKENDS = ["chunked", "triton"]
 
 V, B, L = 2 * chunked.CHUNK + 78, 4, 10  # three blocks, the last one partial; even
 VOCAB = Vocab.build(V, mask_id=4, never_in_data=(3, chunked.CHUNK, V - 1))
@@ -49,9 +54,15 @@ def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().amax(-1)[scale > 0] / scale[scale > 0]).max().item()
 
 
+@pytest.fixture(params=BACKENDS)
+def kernels(request, monkeypatch):
+    monkeypatch.setenv(KERNELS_ENV, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_twin_matches_float64_reference(name, seed):
+def test_kernels_match_float64_reference(kernels, name, seed):
     logits, x0, xt, t, weights = _inputs(name, seed)
     assert (xt == x0).any() and (xt != x0).any()
     loss, grad = _loss_and_grad(name, logits, x0, xt, t, weights)
@@ -64,7 +75,7 @@ def test_twin_matches_float64_reference(name, seed):
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_twin_equals_plain_path_and_takes_bf16(name):
+def test_kernels_equal_plain_path_and_take_bf16(kernels, name):
     logits, x0, xt, t, weights = _inputs(name, 2, torch.bfloat16)
     fused = _loss_and_grad(name, logits, x0, xt, t, weights)
     plain = _loss_and_grad(name, logits, x0, xt, t, weights, fused=False)
@@ -73,7 +84,8 @@ def test_twin_equals_plain_path_and_takes_bf16(name):
     assert _relative(fused[1].float(), plain[1].float()) < 1e-2  # bf16 rounding of the gradient
 
 
-def _split(rank: int, world_size: int, out: Path) -> None:
+def _split(rank: int, world_size: int, kernels: str, out: Path) -> None:
+    os.environ[KERNELS_ENV] = kernels
     results = {}
     for name in OBJECTIVES:
         logits, *rest = _inputs(name, 3)
@@ -86,8 +98,9 @@ def _split(rank: int, world_size: int, out: Path) -> None:
         torch.save(results, out)
 
 
-def test_twin_vocab_parallel_equals_unsplit(tmp_path):
-    run_distributed(_split, 2, tmp_path / "tp2.pt")
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_kernels_vocab_parallel_equal_unsplit(tmp_path, kernels):
+    run_distributed(_split, 2, kernels, tmp_path / "tp2.pt")
     split = torch.load(tmp_path / "tp2.pt")
     for name in OBJECTIVES:
         loss, grad = _loss_and_grad(name, *_inputs(name, 3))

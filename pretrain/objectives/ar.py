@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from pretrain.kernels import chunked
+from pretrain.kernels import losses as fused_losses
 from pretrain.objectives.reductions import cross_entropy
 from pretrain.objectives.vocab import Vocab
 
@@ -39,8 +39,10 @@ def per_token_loss(
     b, length, width = logits.shape
     targets = x0[:, 1:].reshape(-1)
     if fused:  # reads the logits in place
-        rows = chunked.all_rows(logits[:, :-1])
-        return chunked.cross_entropy(logits, vocab.real, targets, rows, group).view(b, length - 1)
+        rows = fused_losses.all_rows(logits[:, :-1])
+        return fused_losses.cross_entropy(logits, vocab.real, targets, rows, group).view(
+            b, length - 1
+        )
     predicted = logits[:, :-1].reshape(b * (length - 1), width)
     return cross_entropy(predicted, vocab.real, targets, group).view(b, length - 1)
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from pretrain.kernels import chunked
+from pretrain.kernels import losses as fused_losses
 from pretrain.objectives.corruption import corrupted, corruption_words
 from pretrain.objectives.randomness import below
 from pretrain.objectives.reductions import (
@@ -72,7 +72,9 @@ def per_token_loss(
     a = alpha(t.double()).unsqueeze(1)  # [B, 1] f64
     r = k * a / (1 - a)
     if fused:
-        d, p_x, p_z = chunked.duo_statistics(logits, vocab.real, x0, xt, r.expand(x0.shape), group)
+        d, p_x, p_z = fused_losses.duo_statistics(
+            logits, vocab.real, x0, xt, r.expand(x0.shape), group
+        )
     else:
         d, p_x, p_z = _statistics(logits, x0, xt, r, vocab, group)
     y_x, y_z = r * p_x, r * p_z

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from pretrain.kernels import chunked
+from pretrain.kernels import losses as fused_losses
 from pretrain.objectives.corruption import corrupted, corruption_words
 from pretrain.objectives.reductions import cross_entropy
 from pretrain.objectives.schedule import alpha
@@ -47,7 +47,7 @@ def per_token_loss(
     masked = xt == vocab.mask_id
     rows = masked.nonzero(as_tuple=True)  # only masked tokens are scored: carry-over
     if fused:  # reads the masked rows in place
-        ce = chunked.cross_entropy(logits, vocab.real, x0[rows], rows, group)
+        ce = fused_losses.cross_entropy(logits, vocab.real, x0[rows], rows, group)
     else:
         ce = cross_entropy(logits[rows], vocab.real, x0[rows], group)
     if loss_type == "elbo":
