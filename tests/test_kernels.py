@@ -16,8 +16,7 @@ import torch.distributed as dist
 from distributed import run_distributed
 from test_objectives import REFERENCES
 
-from pretrain.kernels import chunked
-from pretrain.kernels.losses import KERNELS_ENV
+from pretrain.kernels import KERNELS_ENV, chunked
 from pretrain.objectives import OBJECTIVES
 from pretrain.objectives.vocab import Vocab
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pretrain.kernels import KERNELS_ENV
 from pretrain.objectives import OBJECTIVES, duo, mdlm
 from pretrain.objectives.randomness import philox4x32
 from pretrain.objectives.schedule import EPS, alpha, sample_t
@@ -78,3 +79,17 @@ def test_philox_known_answer():
     """Philox4x32-10 known-answer vector (Random123: key and counter all zero)."""
     words = philox4x32(torch.tensor([0]), torch.tensor([0]))
     assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("name", ["mdlm", "duo"])
+def test_noising_kernel_equals_its_twin_bit_for_bit(name, monkeypatch):
+    """The Triton kernel (interpreted on CPU) draws the same words and writes the same xt,
+    over a length that spans two programs and ends mid-block; so its rates are the twin's."""
+    g = torch.Generator().manual_seed(5)
+    x0 = VOCAB.real_ids[torch.randint(VOCAB.num_real, (6, 1500), generator=g)]
+    t = torch.tensor([1e-3, 0.1, 0.4, 0.6, 0.9, 0.999])
+    ids = torch.randperm(10_000, generator=g)[:6]
+    twin = OBJECTIVES[name].noise(x0, t, ids, SEED, VOCAB)
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    kernel = OBJECTIVES[name].noise(x0, t, ids, SEED, VOCAB)
+    assert (twin != x0).any() and torch.equal(kernel, twin)

@@ -19,7 +19,6 @@ pretrain/objectives/reductions.py is the plain PyTorch path with the same result
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
@@ -27,23 +26,16 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from pretrain.kernels import chunked
+from pretrain.kernels import backend_name, chunked
 
 Rows = tuple[Tensor, ...]  # index tensors [n] into the leading dimensions of the logits
 
 
-KERNELS_ENV = "DLM_KERNELS"  # "triton" or "chunked" overrides the choice by device
-
-
 def backend(logits: Tensor) -> ModuleType:
-    """Triton kernels for CUDA tensors (imported only then), the chunked twins otherwise;
-    DLM_KERNELS=triton|chunked forces one (triton on CPU needs TRITON_INTERPRET=1)."""
-    name = os.environ.get(KERNELS_ENV) or ("triton" if logits.is_cuda else "chunked")
-    if name not in ("triton", "chunked"):
-        raise ValueError(f"{KERNELS_ENV}={name!r}; use triton or chunked")
-    if name == "chunked":
+    """The loss kernels for these logits (see pretrain.kernels.backend_name)."""
+    if backend_name(logits) == "chunked":
         return chunked
-    from pretrain.kernels import triton_backend
+    from pretrain.kernels import triton_backend  # Triton is imported only when used
 
     return triton_backend
 

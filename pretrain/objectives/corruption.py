@@ -1,23 +1,34 @@
-"""Per-token corruption draws, keyed by (seed, global sample index, position) (ALGORITHMS.md §3)."""
+"""Per-token corruption, keyed by (seed, global sample index, position) (ALGORITHMS.md §3).
+
+Each token gets two uint32 words from Philox: one decides whether it is corrupted (with
+probability 1 - alpha_t), one what it becomes (Duo: a uniform real id; MDLM: the mask).
+On CUDA the fused Triton kernel (pretrain/kernels/triton_noise.py) draws the same words and
+writes xt in one pass; this module's PyTorch form is its CPU twin, bit for bit.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from pretrain.objectives.randomness import STREAM_CORRUPT, philox4x32, row_keys, uniform
+from pretrain.kernels import backend_name
+from pretrain.objectives.randomness import STREAM_CORRUPT, below, philox4x32, row_keys, uniform
+from pretrain.objectives.schedule import alpha
+from pretrain.objectives.vocab import Vocab
 
 
-def corruption_words(seed: int, sample_ids: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Two uint32 words per token: one decides whether it is corrupted, one what it becomes.
+def corrupt(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab, uniform_ids: bool):
+    """xt: each token replaced with probability 1 - alpha_t by a uniform real id
+    (`uniform_ids`) or by the mask id. x0 [B, L] int64, t [B], sample_ids [B] -> [B, L]"""
+    keys = row_keys(seed, STREAM_CORRUPT, sample_ids.cpu()).to(x0.device)
+    threshold = 1 - alpha(t).float()  # corrupted iff uniform(w0) < 1 - alpha_t
+    if backend_name(x0) == "triton":
+        from pretrain.kernels.triton_noise import corrupt as corrupt_kernel
 
-    sample_ids [B] int64 -> (w0, w1) int64 [B, L]
-    """
-    keys = row_keys(seed, STREAM_CORRUPT, sample_ids.cpu()).unsqueeze(1)
-    words = philox4x32(keys, torch.arange(length, dtype=torch.int64).unsqueeze(0))
-    return words[0].to(sample_ids.device), words[1].to(sample_ids.device)
-
-
-def corrupted(w0: Tensor, alpha_t: Tensor) -> Tensor:
-    """[B, L] bool: the token is corrupted, with probability 1 - alpha_t (alpha_t [B])."""
-    return uniform(w0) < (1 - alpha_t.float()).unsqueeze(1)
+        return corrupt_kernel(x0, keys, threshold, vocab, uniform_ids)
+    w0, w1, _, _ = philox4x32(keys.unsqueeze(1), torch.arange(x0.shape[1], device=x0.device))
+    if uniform_ids:
+        replacement = vocab.real_ids.to(x0.device)[below(w1, vocab.num_real)]
+    else:
+        replacement = torch.full_like(x0, vocab.mask_id)
+    return torch.where(uniform(w0) < threshold.unsqueeze(1), replacement, x0)

@@ -24,8 +24,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from pretrain.kernels import losses as fused_losses
-from pretrain.objectives.corruption import corrupted, corruption_words
-from pretrain.objectives.randomness import below
+from pretrain.objectives.corruption import corrupt
 from pretrain.objectives.reductions import (
     all_reduce_sum,
     into_shards,
@@ -44,9 +43,7 @@ def noise(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab) ->
 
     x0 [B, L] int64, t [B] -> xt [B, L] int64
     """
-    w0, w1 = corruption_words(seed, sample_ids, x0.shape[1])
-    replacement = vocab.real_ids.to(x0.device)[below(w1, vocab.num_real)]
-    return torch.where(corrupted(w0, alpha(t)), replacement, x0)
+    return corrupt(x0, t, sample_ids, seed, vocab, uniform_ids=True)
 
 
 def time_input(t: Tensor) -> Tensor:

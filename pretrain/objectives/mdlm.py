@@ -13,9 +13,8 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from pretrain.kernels import losses as fused_losses
-from pretrain.objectives.corruption import corrupted, corruption_words
+from pretrain.objectives.corruption import corrupt
 from pretrain.objectives.reductions import cross_entropy
-from pretrain.objectives.schedule import alpha
 from pretrain.objectives.vocab import Vocab
 
 CAUSAL = False
@@ -24,8 +23,7 @@ LOSS_TYPES = ("elbo", "cross_entropy")
 
 def noise(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab) -> Tensor:
     """Mask each token with probability 1 - alpha_t. x0 [B, L] int64, t [B] -> xt [B, L] int64"""
-    w0, _ = corruption_words(seed, sample_ids, x0.shape[1])
-    return torch.where(corrupted(w0, alpha(t)), vocab.mask_id, x0)
+    return corrupt(x0, t, sample_ids, seed, vocab, uniform_ids=False)
 
 
 def time_input(t: Tensor) -> Tensor:
