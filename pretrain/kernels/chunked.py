@@ -1,7 +1,7 @@
 """The loss kernels' CPU twins: the same per-shard math in PyTorch over column blocks.
 
 Besides the logits and their gradient, only a few [n, CHUNK] blocks are alive at a time
-(float32 for the cross-entropy, float64 for Duo's sums, which need it at small t).
+(float32; Duo's sums in float64, which they need at small t).
 The math is in pretrain/kernels/losses.py; the Triton kernels (triton_backend.py) have the
 same functions and are tested against these.
 """
@@ -14,12 +14,12 @@ from torch import Tensor
 CHUNK = 512  # vocabulary columns per block
 
 
-def _blocks(logits: Tensor, rows, real: Tensor, dtype: torch.dtype = torch.float32):
-    """(lo, block [n, hi - lo]): the selected rows' logits in dtype, a copy, with -inf at
+def _blocks(logits: Tensor, rows, real: Tensor):
+    """(lo, block [n, hi - lo]): the selected rows' logits in float32, a copy, with -inf at
     non-real ids, over the columns."""
     for lo in range(0, logits.shape[-1], CHUNK):
         hi = min(lo + CHUNK, logits.shape[-1])
-        block = logits[(*rows, slice(lo, hi))].to(dtype)
+        block = logits[(*rows, slice(lo, hi))].float()  # index tensors: always a copy
         yield lo, block.masked_fill_(~real[lo:hi], float("-inf"))
 
 
@@ -51,21 +51,24 @@ def cross_entropy_backward(logits, rows, real, lse, targets, grad, out) -> None:
 
 
 def duo_sums(logits: Tensor, rows, real: Tensor, lse: Tensor, r: Tensor) -> Tensor:
-    """[D, E] [2, n] f64 over this shard's real ids."""
+    """[D, E] [2, n] f64 over this shard's real ids. p = exp(l - lse) in float32 (as accurate
+    as the plain path's float32 log-softmax), widened to float64 for the sums that cancel."""
     sums = torch.zeros(2, len(rows[0]), dtype=torch.float64, device=logits.device)
-    for _, block in _blocks(logits, rows, real, torch.float64):
-        y = block.sub_(lse.double().unsqueeze(1)).exp_().mul_(r.unsqueeze(1))
+    for _, block in _blocks(logits, rows, real):
+        y = block.sub_(lse.unsqueeze(1)).exp_().double().mul_(r.unsqueeze(1))
         sums[0] += (torch.log1p(y) - y).sum(1)
         sums[1] -= (y * y / (1 + y)).sum(1)
     return sums
 
 
 def duo_backward(logits, rows, real, lse, r, out, *, grad_d, common, at_x, at_z) -> None:
-    """out[rows] = grad_d g'(y) y - p common + (coefficient at x) + (coefficient at z)."""
-    for lo, block in _blocks(logits, rows, real, torch.float64):
-        p = block.sub_(lse.double().unsqueeze(1)).exp_()
-        y = r.unsqueeze(1) * p
-        grad = grad_d.unsqueeze(1) * (-y * y / (1 + y)) - p * common.unsqueeze(1)
+    """out[rows] = grad_d g'(y) y - p common + (coefficient at x) + (coefficient at z), in
+    float32 (nothing cancels here)."""
+    grad_d, common, r = (v.float().unsqueeze(1) for v in (grad_d, common, r))
+    for lo, block in _blocks(logits, rows, real):
+        p = block.sub_(lse.unsqueeze(1)).exp_()
+        y = r * p
+        grad = grad_d * (-y * y / (1 + y)) - p * common
         for ids, coefficient in (at_x, at_z):
             _add_at(grad, ids, lo, coefficient)
         out[(*rows, slice(lo, lo + grad.shape[1]))] = grad.to(out.dtype)
