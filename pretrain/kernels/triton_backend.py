@@ -61,16 +61,17 @@ def _cross_entropy_backward_kernel(
 
 @triton.jit
 def _duo_sums_kernel(logits, offsets, real, lse, r, d_out, e_out, width, BLOCK: tl.constexpr):
+    """p = exp(l - lse) in float32 (as the twin), the sums that cancel in float64."""
     row = tl.program_id(0)
     base = logits + tl.load(offsets + row)
-    row_lse, row_r = tl.load(lse + row).to(tl.float64), tl.load(r + row)
+    row_lse, row_r = tl.load(lse + row), tl.load(r + row)
     d = tl.zeros([BLOCK], tl.float64)
     e = tl.zeros([BLOCK], tl.float64)
     for lo in range(0, width, BLOCK):
         cols = lo + tl.arange(0, BLOCK)
         ok = (cols < width) & (tl.load(real + cols, mask=cols < width, other=0) != 0)
-        x = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float64)
-        y = row_r * tl.exp(x - row_lse)
+        x = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        y = row_r * tl.exp(x - row_lse).to(tl.float64)
         series = y * y * (-0.5 + y * (1.0 / 3.0 - 0.25 * y))  # g(y) = log1p(y) - y, where
         d += tl.where(y < 1e-4, series, tl.log(1.0 + y) - y)  # 1 + y would round
         e -= y * y / (1.0 + y)
@@ -83,9 +84,10 @@ def _duo_backward_kernel(
     logits, out, offsets, real, lse, r, grad_d, common, x_ids, x_coef, z_ids, z_coef, width,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """float32, as the twin: nothing cancels in the gradient."""
     row = tl.program_id(0)
     offset = tl.load(offsets + row)
-    row_lse, row_r = tl.load(lse + row).to(tl.float64), tl.load(r + row)
+    row_lse, row_r = tl.load(lse + row), tl.load(r + row)
     gd, c = tl.load(grad_d + row), tl.load(common + row)
     x, cx = tl.load(x_ids + row), tl.load(x_coef + row)
     z, cz = tl.load(z_ids + row), tl.load(z_coef + row)
@@ -93,12 +95,12 @@ def _duo_backward_kernel(
         cols = lo + tl.arange(0, BLOCK)
         inside = cols < width
         ok = inside & (tl.load(real + cols, mask=inside, other=0) != 0)
-        p = tl.exp(tl.load(logits + offset + cols, mask=ok, other=float("-inf")).to(tl.float64)
-                   - row_lse)  # fmt: skip
+        x_logit = tl.load(logits + offset + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x_logit - row_lse)
         y = row_r * p
         grad = -gd * y * y / (1.0 + y) - p * c
         grad += tl.where(cols == x, cx, 0.0) + tl.where(cols == z, cz, 0.0)
-        tl.store(out + offset + cols, grad.to(tl.float32).to(out.dtype.element_ty), mask=inside)
+        tl.store(out + offset + cols, grad.to(out.dtype.element_ty), mask=inside)
 
 
 def max_sumexp(logits: Tensor, rows, real: Tensor) -> tuple[Tensor, Tensor]:
@@ -131,7 +133,7 @@ def duo_backward(logits, rows, real, lse, r, out, *, grad_d, common, at_x, at_z)
     (x_ids, x_coef), (z_ids, z_coef) = at_x, at_z
     _duo_backward_kernel[(len(rows[0]),)](
         logits, out, _row_offsets(logits, rows), real.to(torch.int8), lse.contiguous(),
-        r.double().contiguous(), grad_d.double().contiguous(), common.double().contiguous(),
-        x_ids.contiguous(), x_coef.double().contiguous(), z_ids.contiguous(),
-        z_coef.double().contiguous(), logits.shape[-1], BLOCK=BLOCK,
+        *(v.float().contiguous() for v in (r, grad_d, common)), x_ids.contiguous(),
+        x_coef.float().contiguous(), z_ids.contiguous(), z_coef.float().contiguous(),
+        logits.shape[-1], BLOCK=BLOCK,
     )  # fmt: skip
