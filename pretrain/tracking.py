@@ -19,6 +19,15 @@ def default_tracking_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{(Path(run_dir).resolve().parent / 'mlflow.db')}"
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside it (MLflow's default is ./mlruns in
+    whatever directory the run was started from); a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs or :///rel
+    return (database.parent / "mlartifacts").as_uri()
+
+
 def _check_reachable(uri: str, timeout_s: float = 3.0) -> None:
     """Fail fast on a tracking server that does not answer (MLflow itself retries for
     minutes before giving up)."""
@@ -45,6 +54,8 @@ class Tracker:
 
         _check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=_artifact_location(self.uri))
         mlflow.set_experiment(experiment)
         id_file = self.run_dir / "mlflow_run_id"
         resume_id = id_file.read_text().strip() if id_file.is_file() else None

@@ -75,6 +75,9 @@ def test_mlflow_holds_params_metrics_and_artifacts(dataset, tmp_path):
     assert perplexity[-1].value < perplexity[0].value
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
     assert {"config.yaml", "loss_curve.png", "step00000000.txt", "step00000010.txt"} <= artifacts
+    # beside the store, not in whatever directory the run started from
+    assert mlflow_run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert not (Path.cwd() / "mlruns").exists()
 
 
 def _dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -> None:
