@@ -53,11 +53,16 @@ def _all_reduce(x: Tensor, group: ProcessGroup | None, op=dist.ReduceOp.SUM) -> 
     return x
 
 
-def _local_real(logits: Tensor, real: Tensor, group: ProcessGroup | None) -> tuple[Tensor, int]:
-    """This shard's slice of the [V] real mask, and its first global id."""
+def shard_start(width: int, group: ProcessGroup | None) -> int:
+    """First vocabulary id of this rank's shard of `width` columns."""
+    return 0 if group is None else dist.get_rank(group) * width
+
+
+def local_real(logits: Tensor, real: Tensor, group: ProcessGroup | None) -> Tensor:
+    """This shard's slice of the [V] real mask. logits [..., V/tp] -> [V/tp] bool"""
     width = logits.shape[-1]
-    start = 0 if group is None else dist.get_rank(group) * width
-    return real[start : start + width].to(logits.device), start
+    start = shard_start(width, group)
+    return real[start : start + width].to(logits.device)
 
 
 def _log_normaliser(kernels, logits, rows, real, group) -> Tensor:
@@ -81,18 +86,18 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, real, targets, group, *rows):
         kernels = backend(logits)
-        local_real, start = _local_real(logits, real, group)
-        lse = _log_normaliser(kernels, logits, rows, local_real, group)
+        shard_real, start = local_real(logits, real, group), shard_start(logits.shape[-1], group)
+        lse = _log_normaliser(kernels, logits, rows, shard_real, group)
         loss = lse - _logit_at(logits, rows, targets - start, group)
-        ctx.save_for_backward(logits, local_real, targets - start, lse, *rows)
+        ctx.save_for_backward(logits, shard_real, targets - start, lse, *rows)
         ctx.kernels = kernels
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        logits, local_real, local_targets, lse, *rows = ctx.saved_tensors
+        logits, shard_real, local_targets, lse, *rows = ctx.saved_tensors
         out = torch.zeros_like(logits)  # rows not selected have no gradient
-        ctx.kernels.cross_entropy_backward(logits, rows, local_real, lse, local_targets, grad, out)
+        ctx.kernels.cross_entropy_backward(logits, rows, shard_real, lse, local_targets, grad, out)
         return out, None, None, None, *(None for _ in rows)
 
 
@@ -112,22 +117,22 @@ class _DuoStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, real, x0, xt, r, group):
         kernels = backend(logits)
-        local_real, start = _local_real(logits, real, group)
+        shard_real, start = local_real(logits, real, group), shard_start(logits.shape[-1], group)
         rows = all_rows(logits)
-        lse = _log_normaliser(kernels, logits, rows, local_real, group)
-        sums = _all_reduce(kernels.duo_sums(logits, rows, local_real, lse, r), group)  # D, E
+        lse = _log_normaliser(kernels, logits, rows, shard_real, group)
+        sums = _all_reduce(kernels.duo_sums(logits, rows, shard_real, lse, r), group)  # D, E
         p_x = (_logit_at(logits, rows, x0 - start, group) - lse).double().exp()
         p_z = (_logit_at(logits, rows, xt - start, group) - lse).double().exp()
-        ctx.save_for_backward(logits, local_real, x0 - start, xt - start, r, lse, sums[1], p_x, p_z)
+        ctx.save_for_backward(logits, shard_real, x0 - start, xt - start, r, lse, sums[1], p_x, p_z)
         ctx.kernels, ctx.rows = kernels, rows
         return sums[0], p_x, p_z
 
     @staticmethod
     def backward(ctx, grad_d, grad_x, grad_z):
-        logits, local_real, x_local, z_local, r, lse, e, p_x, p_z = ctx.saved_tensors
+        logits, shard_real, x_local, z_local, r, lse, e, p_x, p_z = ctx.saved_tensors
         out = torch.empty_like(logits)
         ctx.kernels.duo_backward(
-            logits, ctx.rows, local_real, lse, r, out,
+            logits, ctx.rows, shard_real, lse, r, out,
             grad_d=grad_d, common=grad_d * e + grad_x * p_x + grad_z * p_z,
             at_x=(x_local, grad_x * p_x), at_z=(z_local, grad_z * p_z),
         )  # fmt: skip

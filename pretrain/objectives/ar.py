@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from pretrain.kernels import losses as fused_losses
-from pretrain.objectives.reductions import cross_entropy
+from pretrain.kernels.losses import all_rows
+from pretrain.objectives.reductions import cross_entropy_at
 from pretrain.objectives.vocab import Vocab
 
 CAUSAL = True
@@ -36,15 +36,9 @@ def per_token_loss(
     fused: bool = False,
 ) -> Tensor:
     """Next-token NLL. logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] -> [B, L-1] f32"""
-    b, length, width = logits.shape
-    targets = x0[:, 1:].reshape(-1)
-    if fused:  # reads the logits in place
-        rows = fused_losses.all_rows(logits[:, :-1])
-        return fused_losses.cross_entropy(logits, vocab.real, targets, rows, group).view(
-            b, length - 1
-        )
-    predicted = logits[:, :-1].reshape(b * (length - 1), width)
-    return cross_entropy(predicted, vocab.real, targets, group).view(b, length - 1)
+    rows = all_rows(logits[:, :-1])  # every position but the last, row-major
+    loss = cross_entropy_at(logits, rows, vocab.real, x0[:, 1:].reshape(-1), group, fused)
+    return loss.view(x0.shape[0], x0.shape[1] - 1)
 
 
 validation_loss = per_token_loss  # exact NLL

@@ -12,9 +12,8 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from pretrain.kernels import losses as fused_losses
 from pretrain.objectives.corruption import corrupt
-from pretrain.objectives.reductions import cross_entropy
+from pretrain.objectives.reductions import cross_entropy_at
 from pretrain.objectives.vocab import Vocab
 
 CAUSAL = False
@@ -44,10 +43,7 @@ def per_token_loss(
     """logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32"""
     masked = xt == vocab.mask_id
     rows = masked.nonzero(as_tuple=True)  # only masked tokens are scored: carry-over
-    if fused:  # reads the masked rows in place
-        ce = fused_losses.cross_entropy(logits, vocab.real, x0[rows], rows, group)
-    else:
-        ce = cross_entropy(logits[rows], vocab.real, x0[rows], group)
+    ce = cross_entropy_at(logits, rows, vocab.real, x0[rows], group, fused)
     if loss_type == "elbo":
         ce = ce / t.float()[rows[0]]
     return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)

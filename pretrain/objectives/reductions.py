@@ -26,21 +26,17 @@ from megatron.core.tensor_parallel import (
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from pretrain.kernels import losses as fused_losses
+from pretrain.kernels.losses import local_real, shard_start
+
 
 def _size(group: ProcessGroup | None) -> int:
     return 1 if group is None else group.size()
 
 
-def shard_start(width: int, group: ProcessGroup | None) -> int:
-    """First vocabulary id of this rank's shard of `width` columns."""
-    return 0 if group is None else dist.get_rank(group) * width
-
-
 def real_logits(logits: Tensor, real: Tensor, group: ProcessGroup | None = None) -> Tensor:
     """logits [..., V/tp] bf16|f32, real [V] bool -> [..., V/tp] f32 with -inf at non-real ids."""
-    start = shard_start(logits.shape[-1], group)
-    local_real = real[start : start + logits.shape[-1]].to(logits.device)
-    return logits.float().masked_fill(~local_real, float("-inf"))
+    return logits.float().masked_fill(~local_real(logits, real, group), float("-inf"))
 
 
 def all_reduce_sum(x: Tensor, group: ProcessGroup | None) -> Tensor:
@@ -121,3 +117,18 @@ def cross_entropy(
 ) -> Tensor:
     """-log x̂_θ[targets] over the real ids: logits [N, V/tp], targets [N] int64 -> [N] f32."""
     return _CrossEntropy.apply(logits, real, targets, group)
+
+
+def cross_entropy_at(
+    logits: Tensor,
+    rows: tuple[Tensor, ...],
+    real: Tensor,
+    targets: Tensor,
+    group: ProcessGroup | None,
+    fused: bool,
+) -> Tensor:
+    """-log x̂[targets] at `rows` (index tensors into logits' leading dimensions): the fused
+    kernels read those rows in place, the plain path gathers them. targets [n] -> [n] f32"""
+    if fused:
+        return fused_losses.cross_entropy(logits, real, targets, rows, group)
+    return cross_entropy(logits[rows], real, targets, group)
