@@ -1,9 +1,9 @@
-"""The memory-lean loss twins (pretrain.kernels, chunked backend) against float64 references and
-against the plain PyTorch path: losses and logit gradients, on fresh random inputs with a
-vocabulary that is not a multiple of the block size, t near 1e-3 and near 1, x0 == xt and
-x0 != xt, masked and unmasked positions; bf16 logits within bf16 tolerance; and two
-tensor-parallel ranks against one. Both backends: the chunked twins and the Triton kernels
-(interpreted on CPU: conftest sets TRITON_INTERPRET=1)."""
+"""The fused losses, both backends (the chunked twins and the Triton kernels, interpreted on
+CPU: conftest sets TRITON_INTERPRET=1), against float64 references and against the plain
+PyTorch path: losses and logit gradients, on fresh random inputs with a vocabulary that is
+not a multiple of the block size, t near 1e-3 and near 1, x0 == xt and x0 != xt, masked and
+unmasked positions; bf16 logits within bf16 tolerance; and two tensor-parallel ranks against
+one, for the kernels and for the plain path."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pretrain.objectives import OBJECTIVES
 from pretrain.objectives.vocab import Vocab
 
 BACKENDS = ["chunked", "triton"]
+PLAIN = "plain"  # the plain PyTorch path (objective.fused=false)
 
 V, B, L = 2 * chunked.CHUNK + 78, 4, 10  # three blocks, the last one partial; even
 VOCAB = Vocab.build(V, mask_id=4, never_in_data=(3, chunked.CHUNK, V - 1))
@@ -83,13 +84,14 @@ def test_kernels_equal_plain_path_and_take_bf16(kernels, name):
     assert _relative(fused[1].float(), plain[1].float()) < 1e-2  # bf16 rounding of the gradient
 
 
-def _split(rank: int, world_size: int, kernels: str, out: Path) -> None:
-    os.environ[KERNELS_ENV] = kernels
+def _split(rank: int, world_size: int, path: str, out: Path) -> None:
+    if path != PLAIN:
+        os.environ[KERNELS_ENV] = path
     results = {}
     for name in OBJECTIVES:
         logits, *rest = _inputs(name, 3)
         shard = logits.chunk(world_size, -1)[rank]
-        loss, grad = _loss_and_grad(name, shard, *rest, group=dist.group.WORLD)
+        loss, grad = _loss_and_grad(name, shard, *rest, group=dist.group.WORLD, fused=path != PLAIN)
         parts = [torch.empty_like(grad) for _ in range(world_size)]
         dist.all_gather(parts, grad.contiguous())
         results[name] = (loss, torch.cat(parts, -1))
@@ -97,11 +99,13 @@ def _split(rank: int, world_size: int, kernels: str, out: Path) -> None:
         torch.save(results, out)
 
 
-@pytest.mark.parametrize("kernels", BACKENDS)
-def test_kernels_vocab_parallel_equal_unsplit(tmp_path, kernels):
-    run_distributed(_split, 2, kernels, tmp_path / "tp2.pt")
+@pytest.mark.parametrize("path", [PLAIN, *BACKENDS])
+def test_vocab_parallel_equals_unsplit(tmp_path, path):
+    """Two ranks with half the vocabulary each (excluded ids in both halves) against one
+    process with all of it, for the plain path and both kernel backends."""
+    run_distributed(_split, 2, path, tmp_path / "tp2.pt")
     split = torch.load(tmp_path / "tp2.pt")
     for name in OBJECTIVES:
-        loss, grad = _loss_and_grad(name, *_inputs(name, 3))
+        loss, grad = _loss_and_grad(name, *_inputs(name, 3), fused=path != PLAIN)
         assert _relative(split[name][0].unsqueeze(-1), loss.unsqueeze(-1)) < 1e-5, name
         assert _relative(split[name][1], grad) < 1e-5, name
