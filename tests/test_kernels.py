@@ -16,6 +16,7 @@ import torch.distributed as dist
 from distributed import run_distributed
 from test_objectives import REFERENCES
 
+from dlm_errors import ConfigError
 from pretrain.kernels import KERNELS_ENV, chunked
 from pretrain.objectives import OBJECTIVES
 from pretrain.objectives.vocab import Vocab
@@ -109,3 +110,9 @@ def test_vocab_parallel_equals_unsplit(tmp_path, path):
         loss, grad = _loss_and_grad(name, *_inputs(name, 3), fused=path != PLAIN)
         assert _relative(split[name][0].unsqueeze(-1), loss.unsqueeze(-1)) < 1e-5, name
         assert _relative(split[name][1], grad) < 1e-5, name
+
+
+def test_unknown_backend_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setenv(KERNELS_ENV, "cuda")
+    with pytest.raises(ConfigError, match="DLM_KERNELS='cuda'; use triton or chunked"):
+        _loss_and_grad("ar", *_inputs("ar", 4))

@@ -8,6 +8,8 @@ import os
 
 from torch import Tensor
 
+from dlm_errors import ConfigError
+
 KERNELS_ENV = "DLM_KERNELS"  # "triton" or "chunked" overrides the choice by device
 
 
@@ -16,5 +18,5 @@ def backend_name(tensor: Tensor) -> str:
     forces one (Triton on CPU tensors needs TRITON_INTERPRET=1)."""
     name = os.environ.get(KERNELS_ENV) or ("triton" if tensor.is_cuda else "chunked")
     if name not in ("triton", "chunked"):
-        raise ValueError(f"{KERNELS_ENV}={name!r}; use triton or chunked")
+        raise ConfigError(f"{KERNELS_ENV}={name!r}; use triton or chunked, or leave it unset")
     return name
