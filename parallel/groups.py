@@ -29,10 +29,13 @@ class Runtime:
 
     @classmethod
     def detect(cls, dtype: str | None = None) -> Runtime:
-        """CUDA: nccl and bf16; otherwise cpu, gloo and float32 (or the dtype asked for)."""
+        """CUDA: nccl and bf16 autocast; otherwise cpu, gloo and float32 (or the dtype asked
+        for). On CUDA this rank's device becomes the current one before anything is
+        allocated, so NCCL, DeepSpeed and every `device="cuda"` land on GPU LOCAL_RANK."""
         if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            return cls(torch.device("cuda", local_rank), _dtype(dtype or "bfloat16"), "nccl")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            return cls(device, _dtype(dtype or "bfloat16"), "nccl")
         return cls(torch.device("cpu"), _dtype(dtype or "float32"), "gloo")
 
 
