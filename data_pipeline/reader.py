@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,16 @@ class Batch:
     tokens: torch.Tensor
     doc_ids: torch.Tensor
     sample_ids: torch.Tensor
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader calls this in its pinning thread), so that
+        `to` overlaps the host-to-device copy with compute."""
+        return Batch(*(t.pin_memory() for t in astuple(self)))
+
+    def to(self, device: torch.device) -> Batch:
+        """This batch on `device`: one asynchronous copy per tensor (non_blocking takes
+        effect from pinned memory)."""
+        return Batch(*(t.to(device, non_blocking=True) for t in astuple(self)))
 
 
 @dataclass(frozen=True)
@@ -170,8 +180,11 @@ class TrainLoader:
         dp_size: int,
         num_workers: int,
         seed: int,
+        pin_memory: bool = False,
     ) -> None:
+        """`pin_memory`: batches come in page-locked memory, for asynchronous copies to a GPU."""
         self.root, self.manifest, self.seed, self.dp_rank = Path(root), manifest, seed, dp_rank
+        self.pin_memory = pin_memory
         self.layout = Layout(dp_size, num_workers, micro_batch_size)
         self.num_sequences = manifest.splits["train"].sequences
         if not 0 <= dp_rank < dp_size:
@@ -196,7 +209,10 @@ class TrainLoader:
         streams = _RankStreams(
             self.root, self.manifest, self.seed, self.layout, mine, self._rotation
         )
-        loader = DataLoader(streams, batch_size=None, num_workers=self.layout.num_workers)
+        loader = DataLoader(
+            streams, batch_size=None, num_workers=self.layout.num_workers,
+            pin_memory=self.pin_memory,
+        )  # fmt: skip
         for batch in loader:
             self._consumed += 1
             yield batch

@@ -33,6 +33,28 @@ from parallel.groups import ProcessGroups
 LN_EPS = 1e-5
 
 
+class _AutocastLinear:
+    """megatron's linear in the autocast dtype on any device: input, weight and bias are cast
+    (differentiably, so gradients reach the float32 parameters in float32) before megatron's
+    matmul. CUDA autocast would cast inside it, but megatron re-enters autocast for its
+    backward on CUDA only; casting here gives CPU and GPU the same arithmetic (§5.5)."""
+
+    def _forward_impl(self, input, weight, *args, bias=None, **kwargs):
+        if not torch.is_autocast_enabled(input.device.type):
+            return super()._forward_impl(input, weight, *args, bias=bias, **kwargs)
+        dtype = torch.get_autocast_dtype(input.device.type)
+        bias = None if bias is None else bias.to(dtype)
+        return super()._forward_impl(input.to(dtype), weight.to(dtype), *args, bias=bias, **kwargs)
+
+
+class ColumnParallelLinear(_AutocastLinear, tensor_parallel.ColumnParallelLinear):
+    pass
+
+
+class RowParallelLinear(_AutocastLinear, tensor_parallel.RowParallelLinear):
+    pass
+
+
 def _megatron_config(tp_group: ProcessGroup) -> ModelParallelConfig:
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_group.size(),
@@ -102,13 +124,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """x [L, B, d] f32; shift, scale [B, d] -> x (1 + scale) + shift, in the residual dtype.
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x [L, B, d] f32; shift, scale [B, d] f32 -> x (1 + scale) + shift, f32"""
+    return x * (1 + scale[None]) + shift[None]
 
-    With float32 parameters (GPU autocast) that is float32; with bfloat16 parameters (CPU
-    bf16, where megatron's layers ignore autocast) the matmul inputs must be bfloat16.
-    """
-    return (x * (1 + scale[None]) + shift[None]).to(dtype)
+
+def _autocast(x: Tensor, dtype: torch.dtype) -> torch.autocast:
+    """The low-precision region of §5.5 (the blocks' matmuls, attention and the head) on x's
+    device; float32 turns it off."""
+    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @dataclass
@@ -149,27 +173,30 @@ class InputStage(nn.Module):
 class DiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN-Zero modulation (§5.2). (hidden, cond) -> same"""
 
-    def __init__(self, cfg: ModelConfig, layer: int, tp_group: ProcessGroup, causal: bool) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, tp_group: ProcessGroup, causal: bool,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:  # fmt: skip
         super().__init__()
         d, tp = cfg.hidden_size, tp_group.size()
         generator = _generator(cfg, layer)
         megatron = _megatron_config(tp_group)
-        self.causal, self.dropout = causal, cfg.dropout
+        self.causal, self.dropout, self.compute_dtype = causal, cfg.dropout, compute_dtype
         self.heads_local, self.head_dim = cfg.n_heads // tp, cfg.head_dim
         self.norm1, self.norm2 = LayerNorm(d), LayerNorm(d)
-        self.qkv = tensor_parallel.ColumnParallelLinear(
+        self.qkv = ColumnParallelLinear(
             d, 3 * d, config=megatron, init_method=_uniform(1 / math.sqrt(d), generator),
             bias=False, gather_output=False, tp_group=tp_group,
         )  # fmt: skip
-        self.attn_out = tensor_parallel.RowParallelLinear(
+        self.attn_out = RowParallelLinear(
             d, d, config=megatron, init_method=_uniform(1 / math.sqrt(d), generator),
             bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )  # fmt: skip
-        self.fc1 = tensor_parallel.ColumnParallelLinear(
+        self.fc1 = ColumnParallelLinear(
             d, 4 * d, config=megatron, init_method=_uniform(1 / math.sqrt(d), generator),
             bias=True, gather_output=False, tp_group=tp_group,
         )  # fmt: skip
-        self.fc2 = tensor_parallel.RowParallelLinear(
+        self.fc2 = RowParallelLinear(
             4 * d, d, config=megatron, init_method=_uniform(1 / math.sqrt(4 * d), generator),
             bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )  # fmt: skip
@@ -185,12 +212,16 @@ class DiTBlock(nn.Module):
         return self.step(x, cond), cond
 
     def step(self, x: Tensor, cond: Tensor, cache: KVCache | None = None) -> Tensor:
-        """x [l, B, d] at positions cache.length.. (0 without a cache) -> [l, B, d]"""
+        """x [l, B, d] f32 at positions cache.length.. (0 without a cache) -> [l, B, d] f32.
+        The modulations, LayerNorms and the residual stream stay float32; the branches run
+        in the compute dtype and promote back to float32 when the gates add them (§5.5)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
-        h = _modulate(self.norm1(x), shift1, scale1, x.dtype)
-        x = x + gate1[None] * F.dropout(self._attention(h, cache), self.dropout, self.training)
-        h = _modulate(self.norm2(x), shift2, scale2, x.dtype)
-        mlp, _ = self.fc2(F.gelu(self.fc1(h)[0], approximate="tanh"))
+        with _autocast(x, self.compute_dtype):
+            attention = self._attention(_modulate(self.norm1(x), shift1, scale1), cache)
+        x = x + gate1[None] * F.dropout(attention, self.dropout, self.training)
+        with _autocast(x, self.compute_dtype):
+            hidden, _ = self.fc1(_modulate(self.norm2(x), shift2, scale2))
+            mlp, _ = self.fc2(F.gelu(hidden, approximate="tanh"))
         return x + gate2[None] * F.dropout(mlp, self.dropout, self.training)
 
     def _attention(self, h: Tensor, cache: KVCache | None) -> Tensor:
@@ -218,16 +249,19 @@ class DiTBlock(nn.Module):
 class OutputStage(nn.Module):
     """Final adaLN LayerNorm and the untied, zero-initialised head (§5.4).
 
-    (hidden [L, B, d], cond [B, c]) -> logits [B, L, V/tp] in the compute dtype
+    (hidden [L, B, d] f32, cond [B, c] f32) -> logits [B, L, V/tp] in the compute dtype
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group: ProcessGroup) -> None:
+    def __init__(
+        self, cfg: ModelConfig, tp_group: ProcessGroup, compute_dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
+        self.compute_dtype = compute_dtype
         self.norm = LayerNorm(cfg.hidden_size)
         self.modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size)
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
-        self.head = tensor_parallel.ColumnParallelLinear(
+        self.head = ColumnParallelLinear(
             cfg.hidden_size, cfg.vocab_size, config=_megatron_config(tp_group),
             init_method=_zeros, bias=True, gather_output=False, tp_group=tp_group,
         )  # fmt: skip
@@ -236,7 +270,8 @@ class OutputStage(nn.Module):
     def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
         x, cond = inputs
         shift, scale = self.modulation(cond).chunk(2, dim=-1)
-        logits, _ = self.head(_modulate(self.norm(x), shift, scale, x.dtype))
+        with _autocast(x, self.compute_dtype):
+            logits, _ = self.head(_modulate(self.norm(x), shift, scale))
         return logits.transpose(0, 1)  # [B, L, V/tp]
 
     @torch.no_grad()
@@ -256,13 +291,17 @@ def build_pipeline(
     causal: bool,
     loss_fn: Callable | None = None,
     partition: str = "parameters",
+    compute_dtype: torch.dtype = torch.float32,
 ) -> PipelineModule:
     """The model as DeepSpeed layer specs, cut into stages balanced by `partition`
     ("parameters" or "uniform" layers); each stage builds only its own layers. Between
-    stages flows (hidden [L, B, d], cond [B, c])."""
+    stages flows (hidden [L, B, d], cond [B, c]), float32. Parameters are float32 whatever
+    `compute_dtype`, the autocast dtype of the blocks' and the head's matmuls (§5.5)."""
     tp_group = groups.tp_group
-    blocks = [LayerSpec(DiTBlock, cfg, i + 1, tp_group, causal) for i in range(cfg.n_layers)]
-    specs = [LayerSpec(InputStage, cfg, tp_group), *blocks, LayerSpec(OutputStage, cfg, tp_group)]
+    blocks = [LayerSpec(DiTBlock, cfg, i + 1, tp_group, causal, compute_dtype)
+              for i in range(cfg.n_layers)]  # fmt: skip
+    head = LayerSpec(OutputStage, cfg, tp_group, compute_dtype)
+    specs = [LayerSpec(InputStage, cfg, tp_group), *blocks, head]
     return PipelineModule(
         specs, topology=groups.topology, loss_fn=loss_fn, partition_method=partition
     )

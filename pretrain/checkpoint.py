@@ -9,6 +9,7 @@ at a complete checkpoint; leftovers of an interrupted save are removed on the ne
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from megatron.core import parallel_state
 from data_pipeline.manifest import write_atomic
 from dlm_errors import CheckpointError
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 LATEST = "latest"
 META_FILE = "dlm_meta.json"  # layout and step, readable before the engine exists
@@ -75,7 +77,7 @@ def save(engine, run_dir: str | Path, state: LoopState, extra: dict) -> str:
     client_state = {
         "format_version": FORMAT_VERSION,
         "loop": asdict(state),
-        "rng": torch.get_rng_state(),
+        "rng": _rng_states(),
         "universal_checkpoint_info": UNIVERSAL_INFO,
         **extra,
     }
@@ -153,8 +155,24 @@ def load(
             f"this run uses tensor={layout['tensor']} pipeline={layout['pipeline']}. Resume with "
             "the same tensor and pipeline sizes (the data-parallel size may change)"
         )
-    torch.set_rng_state(client["rng"])
+    _restore_rng_states(client["rng"])
     return LoopState(**client["loop"]), client
+
+
+def _rng_states() -> dict:
+    """The generators dropout draws from: the host's and, on a GPU, the current device's."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(states["cuda"])
+    elif "cuda" in states:
+        log.warning("resuming a GPU checkpoint without a GPU: dropout masks will differ")
 
 
 def load_weights(module, run_dir: str | Path) -> None:

@@ -1,4 +1,10 @@
-"""The DeepSpeed engine: ZeRO stage 1, AdamW, warmup-cosine schedule, clipping (§6.3)."""
+"""The DeepSpeed engine: ZeRO stage 1, AdamW, warmup-cosine schedule, clipping (§6.3).
+
+DeepSpeed runs in float32: master parameters, gradients, their accumulation over micro-batches,
+their all-reduce and the optimizer state. Low precision is the model's business (bf16
+autocast inside the blocks and the head, parallel/model.py), as in the reference (§5.5);
+DeepSpeed's bf16 section would cast every parameter and the residual stream to bf16.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from parallel.groups import ProcessGroups, Runtime
+from parallel.groups import ProcessGroups
 from pretrain.config import OptimConfig, TrainConfig
 
 
@@ -23,7 +29,7 @@ def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
 
 
 def deepspeed_config(
-    train: TrainConfig, optim: OptimConfig, runtime: Runtime, dp_size: int, load_universal: bool
+    train: TrainConfig, optim: OptimConfig, dp_size: int, load_universal: bool
 ) -> dict:
     return {
         "checkpoint": {"load_universal": load_universal},
@@ -35,7 +41,6 @@ def deepspeed_config(
         # Stages exchange (hidden, cond) and both need gradients; DeepSpeed's activation
         # partitioning over the tensor group sends only the first tensor's gradient.
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
-        "bf16": {"enabled": runtime.dtype == torch.bfloat16},
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -55,14 +60,13 @@ def build_engine(
     model: torch.nn.Module,
     train: TrainConfig,
     optim: OptimConfig,
-    runtime: Runtime,
     groups: ProcessGroups,
     total_steps: int,
     load_universal: bool = False,
 ):
     """A DeepSpeed PipelineEngine over the model, with weight decay on every parameter (P12).
     `load_universal`: the checkpoint to resume from is in DeepSpeed's universal format."""
-    config = deepspeed_config(train, optim, runtime, groups.dp_size, load_universal)
+    config = deepspeed_config(train, optim, groups.dp_size, load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),

@@ -37,9 +37,11 @@ def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
     groups = init_process_groups(ParallelConfig(), runtime)  # one process, any saved layout
     manifest = open_dataset(cfg.data.path)
     model_cfg, vocab = model_spec(cfg, manifest)  # the vocabulary padding the run trained with
-    model = build_pipeline(model_cfg, groups, OBJECTIVES[cfg.objective.name].CAUSAL)
+    causal = OBJECTIVES[cfg.objective.name].CAUSAL
+    model = build_pipeline(model_cfg, groups, causal, compute_dtype=runtime.dtype)
     checkpoint.load_weights(model, run_dir)
     model.to(runtime.device)
+    vocab = vocab.to(runtime.device)
     tokenizer = Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE)
     start = time.perf_counter()
     samples = generate(

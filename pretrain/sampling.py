@@ -42,18 +42,29 @@ def nucleus(p: Tensor, top_p: float) -> Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
+def _uniform(shape: torch.Size, generator: torch.Generator, device: torch.device) -> Tensor:
+    """float64 uniforms drawn on the host generator, then copied: the same draws on any
+    device (one explicit copy per sampling step)."""
+    return torch.rand(shape, dtype=torch.float64, generator=generator).to(device)
+
+
 def categorical(p: Tensor, generator: torch.Generator) -> Tensor:
     """One draw per row of p [..., V] (unnormalised, f64) by inverting its CDF -> [...] int64"""
     cdf = p.cumsum(-1)
-    u = torch.rand(p.shape[:-1], dtype=torch.float64, generator=generator).to(p.device)
+    u = _uniform(p.shape[:-1], generator, p.device)
     ids = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return ids.clamp_max(p.shape[-1] - 1)
 
 
 def denoiser(logits: Tensor, vocab: Vocab, top_p: float) -> Tensor:
     """x̂: softmax over the real ids in float64, nucleus-filtered. [N, L, V] -> [N, L, V] f64"""
-    logits = logits.double().masked_fill(~vocab.real.to(logits.device), float("-inf"))
+    logits = logits.double().masked_fill(~vocab.real, float("-inf"))
     return nucleus(torch.softmax(logits, dim=-1), top_p)
+
+
+def _device(layers: Sequence[nn.Module]) -> torch.device:
+    """Where the model is: samples are built there."""
+    return next(layers[0].parameters()).device
 
 
 def _forward(layers: Sequence[nn.Module], tokens: Tensor, s: Tensor) -> Tensor:
@@ -70,11 +81,11 @@ def sample_ar(
 ) -> Samples:
     """Left to right from `start_id` (EOS: the token before a document), one token per
     forward, keys and values cached per block (§9.4)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator, device = torch.Generator().manual_seed(cfg.seed), _device(layers)
     first, *blocks, last = layers
     caches = [KVCache() for _ in blocks]
-    tokens = torch.full((cfg.num_samples, 1), start_id, dtype=torch.int64)
-    s = torch.zeros(cfg.num_samples)
+    tokens = torch.full((cfg.num_samples, 1), start_id, dtype=torch.int64, device=device)
+    s = torch.zeros(cfg.num_samples, device=device)
     for _ in range(seq_len - 1):
         hidden, cond = first((tokens[:, -1:], s))
         for block, cache in zip(blocks, caches, strict=True):
@@ -90,21 +101,20 @@ def sample_mdlm(
     """Ancestral steps from the all-mask prior (§9.1): a masked token is revealed between t and
     s with probability (alpha_s - alpha_t) / (1 - alpha_t), as a draw from x̂; revealed tokens
     are kept. x̂ does not depend on t, so a step that reveals nothing reuses it."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    x = torch.full((cfg.num_samples, seq_len), vocab.mask_id, dtype=torch.int64)
-    s0 = torch.zeros(cfg.num_samples)
-    grid = torch.linspace(1.0, T_MIN, cfg.steps + 1, dtype=torch.float64)
+    generator, device = torch.Generator().manual_seed(cfg.seed), _device(layers)
+    x = torch.full((cfg.num_samples, seq_len), vocab.mask_id, dtype=torch.int64, device=device)
+    s0 = torch.zeros(cfg.num_samples, device=device)
+    grid = torch.linspace(1.0, T_MIN, cfg.steps + 1, dtype=torch.float64).tolist()
     p, passes = None, 0
     for i in range(cfg.steps + 1):
         masked = x == vocab.mask_id
-        if not masked.any():
+        if not masked.any():  # host sync: once per step
             break
         if p is None:
             p, passes = denoiser(_forward(layers, x, s0), vocab, cfg.top_p), passes + 1
         if i < cfg.steps:  # the last pass reveals everything left (alpha_s = 1)
             a_t, a_s = alpha(grid[i]), alpha(grid[i + 1])
-            reveal = torch.rand(x.shape, dtype=torch.float64, generator=generator)
-            reveal = reveal < (a_s - a_t) / (1 - a_t)
+            reveal = _uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
         else:
             reveal = torch.ones_like(masked)
         reveal &= masked
@@ -119,13 +129,14 @@ def sample_duo(
 ) -> Samples:
     """Ancestral steps of the uniform-state posterior with x̂ for x (§9.2), from the uniform
     prior over real ids, then a greedy final step (argmax x̂)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator, device = torch.Generator().manual_seed(cfg.seed), _device(layers)
     real = vocab.real.double()
     k = vocab.num_real
-    x = vocab.real_ids[torch.randint(k, (cfg.num_samples, seq_len), generator=generator)]
-    grid = torch.linspace(1.0, T_MIN, cfg.steps + 1, dtype=torch.float64)
+    prior = torch.randint(k, (cfg.num_samples, seq_len), generator=generator)
+    x = vocab.real_ids[prior.to(device)]
+    grid = torch.linspace(1.0, T_MIN, cfg.steps + 1, dtype=torch.float64).tolist()
     for i in range(cfg.steps):
-        t = torch.full((cfg.num_samples,), grid[i].item())
+        t = torch.full((cfg.num_samples,), grid[i], device=device)
         x_hat = denoiser(_forward(layers, x, sigma(t)), vocab, cfg.top_p)
         a_t, a_s = alpha(grid[i]), alpha(grid[i + 1])
         a_ts = a_t / a_s
@@ -134,7 +145,7 @@ def sample_duo(
         q = (k * a_t * x_hat * e_z + (a_ts - a_t) * e_z + (a_s - a_t) * x_hat
              + (1 - a_ts) * (1 - a_s) / k * real)  # fmt: skip
         x = categorical(q / (k * a_t * x_hat_z + 1 - a_t), generator)
-    t = torch.full((cfg.num_samples,), T_MIN)
+    t = torch.full((cfg.num_samples,), T_MIN, device=device)
     x_hat = denoiser(_forward(layers, x, sigma(t)), vocab, 1.0)
     return Samples(x_hat.argmax(-1), cfg.steps + 1)
 

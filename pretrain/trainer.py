@@ -75,18 +75,24 @@ def _train_loss(cfg: RunConfig, vocab: Vocab, tp_group, logits, labels) -> torch
 
 
 def _noised_micro_batches(
-    batches: Iterator, cfg: RunConfig, vocab: Vocab, groups: ProcessGroups, first_step: int
-) -> Iterator[tuple]:
-    """((xt, s), (x0, xt, t)) per micro-batch: DeepSpeed hands the inputs to the first stage
-    and the labels to the last, each of which runs this generator over the same data and so
-    draws the same noise without communicating. Row p of the global batch owns stratum p of
-    t: data rank r, micro-step m holds rows r*G/dp + m*b + [0, b)."""
+    batches: Iterator, cfg: RunConfig, vocab: Vocab, groups: ProcessGroups, first_step: int,
+    device: torch.device,
+) -> Iterator[tuple]:  # fmt: skip
+    """((xt, s), (x0, xt, t)) per micro-batch on `device`: DeepSpeed hands the inputs to the
+    first stage and the labels to the last, each of which runs this generator over the same
+    data and so draws the same noise without communicating. Row p of the global batch owns
+    stratum p of t: data rank r, micro-step m holds rows r*G/dp + m*b + [0, b).
+
+    The batch is the step's only host-to-device copy; t and the noise are drawn on the
+    device (the Triton noising kernel on CUDA)."""
     objective = OBJECTIVES[cfg.objective.name]
     g, b = cfg.train.global_batch, cfg.train.micro_batch
     accum = cfg.train.accumulation_steps(groups.dp_size)
+    first_row = groups.dp_rank * (g // groups.dp_size)
     for k, batch in enumerate(batches):
         step, micro = first_step + k // accum, k % accum
-        rows = groups.dp_rank * (g // groups.dp_size) + micro * b + torch.arange(b)
+        batch = batch.to(device)
+        rows = torch.arange(first_row + micro * b, first_row + (micro + 1) * b, device=device)
         t = sample_t(cfg.objective.seed, step, rows, g)
         xt = objective.noise(batch.tokens, t, batch.sample_ids, cfg.objective.seed, vocab)
         yield (xt, objective.time_input(t)), (batch.tokens, xt, t)
@@ -94,32 +100,36 @@ def _noised_micro_batches(
 
 @torch.no_grad()
 def validate(
-    module, cfg: RunConfig, model_cfg: ModelConfig, manifest: Manifest, vocab: Vocab, groups
-) -> float:
+    module, cfg: RunConfig, model_cfg: ModelConfig, manifest: Manifest, vocab: Vocab, groups,
+    device: torch.device,
+) -> float:  # fmt: skip
     """The ELBO-based validation loss in nats/token (exact NLL for AR), summed in float64
     on the last stage over all data ranks. t of sequence i is stratum i mod G of validation
     batch i // G, so the figure does not depend on the layout."""
     objective = OBJECTIVES[cfg.objective.name]
     seed, g = cfg.objective.seed + VALIDATION_SEED_OFFSET, cfg.train.global_batch
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
     module.eval()
     for batch in validation_batches(
         cfg.data.path, manifest, micro_batch_size=cfg.train.micro_batch, dp_rank=groups.dp_rank,
         dp_size=groups.dp_size, max_sequences=cfg.train.val_sequences or None,
     ):  # fmt: skip
+        step = int(batch.sample_ids[0]) // g  # read on the host, before the copy
+        batch = batch.to(device)
         ids = batch.sample_ids
-        t = sample_t(seed, int(ids[0]) // g, ids % g, g)
+        t = sample_t(seed, step, ids % g, g)
         xt = objective.noise(batch.tokens, t, ids, seed, vocab)
         logits = forward_through_stages(module, (xt, objective.time_input(t)), model_cfg, groups)
         if logits is not None:  # the last stage
             losses = objective.validation_loss(
                 logits, batch.tokens, xt, t, vocab, groups.tp_group, fused=cfg.objective.fused
             )
-            total += torch.tensor([losses.double().sum().item(), losses.numel()])
+            total[0] += losses.double().sum()
+            total[1] += losses.numel()
     module.train()
     dist.all_reduce(total, group=groups.dp_group)
     dist.all_reduce(total, group=groups.pp_group)  # only the last stage holds non-zeros
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1]).item()  # host sync: once per validation
 
 
 class _StopRequest:
@@ -133,11 +143,12 @@ class _StopRequest:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank was signalled (one scalar all-reduce per step)."""
-        flag = torch.tensor([float(self.requested)])
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank was signalled (one scalar all-reduce per step, on
+        the device: NCCL takes only GPU tensors)."""
+        flag = torch.full((1,), float(self.requested), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(flag.item())  # host sync
 
 
 @dataclass
@@ -145,6 +156,7 @@ class _Run:
     """What the loop works with, built once by `_setup` (components, not logic)."""
 
     cfg: RunConfig
+    runtime: Runtime
     groups: ProcessGroups
     manifest: Manifest
     model_cfg: ModelConfig
@@ -167,10 +179,17 @@ class _Run:
         return dist.get_rank() == 0
 
 
-def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) -> Path:
-    """Train (or resume) the run in cfg.train.run_dir; returns the run directory."""
-    r, state = _setup(cfg, train_flops_per_sequence)
-    micro_batches = _noised_micro_batches(iter(r.loader), cfg, r.vocab, r.groups, state.step)
+def run(
+    cfg: RunConfig,
+    train_flops_per_sequence: Callable[[ModelConfig], int],
+    runtime: Runtime | None = None,
+) -> Path:
+    """Train (or resume) the run in cfg.train.run_dir; returns the run directory. The device
+    and compute dtype are `runtime`'s, by default Runtime.detect's (a GPU when there is one)."""
+    r, state = _setup(cfg, train_flops_per_sequence, runtime)
+    micro_batches = _noised_micro_batches(
+        iter(r.loader), cfg, r.vocab, r.groups, state.step, r.runtime.device
+    )
     stop, bad_in_a_row = _StopRequest(), 0
     clock = (time.perf_counter(), state.step)
     if state.step == 0:
@@ -186,7 +205,7 @@ def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) 
             _log_step(r, state, loss, grad_norm, clock)
         if state.step % cfg.train.val_every == 0 or state.step == r.total_steps:
             _validate_and_sample(r, state)
-        if stop.agreed():
+        if stop.agreed(r.runtime.device):
             _save(r, state)
             log.info("stop requested: saved at step %d, exiting", state.step)
             break
@@ -196,14 +215,17 @@ def run(cfg: RunConfig, train_flops_per_sequence: Callable[[ModelConfig], int]) 
     return r.run_dir
 
 
-def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.LoopState]:
+def _setup(
+    cfg: RunConfig, train_flops_per_sequence, runtime: Runtime | None = None
+) -> tuple[_Run, checkpoint.LoopState]:
     """Process groups, data, model, engine, tracking; then the latest checkpoint, if any."""
-    runtime = Runtime.detect(cfg.train.dtype or None)
+    runtime = runtime or Runtime.detect(cfg.train.dtype or None)
     groups = init_process_groups(cfg.parallel, runtime)
     manifest = open_dataset(
         cfg.data.path, seq_len=cfg.data.seq_len, tokenizer_sha256=cfg.data.tokenizer_sha256
     )
     model_cfg, vocab = model_spec(cfg, manifest)
+    vocab = vocab.to(runtime.device)
     objective = OBJECTIVES[cfg.objective.name]
     flops_per_seq = train_flops_per_sequence(model_cfg)
     total_steps = cfg.train.steps or int(
@@ -226,13 +248,14 @@ def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.L
     torch.manual_seed(cfg.model.init_seed + DROPOUT_SEED_STRIDE * groups.pp_rank)
     loss_fn = partial(_train_loss, cfg, vocab, groups.tp_group)
     model = build_pipeline(
-        model_cfg, groups, objective.CAUSAL, loss_fn=loss_fn, partition=cfg.parallel.partition
-    )
-    engine = build_engine(model, cfg.train, cfg.optim, runtime, groups, total_steps, new_dp_size)
+        model_cfg, groups, objective.CAUSAL, loss_fn=loss_fn, partition=cfg.parallel.partition,
+        compute_dtype=runtime.dtype,
+    )  # fmt: skip
+    engine = build_engine(model, cfg.train, cfg.optim, groups, total_steps, new_dp_size)
     loader = TrainLoader(
         cfg.data.path, manifest, micro_batch_size=cfg.train.micro_batch,
         dp_rank=groups.dp_rank, dp_size=groups.dp_size, num_workers=cfg.data.num_workers,
-        seed=cfg.data.seed,
+        seed=cfg.data.seed, pin_memory=runtime.device.type == "cuda",
     )  # fmt: skip
     _write_config(cfg, run_dir, model_cfg, total_steps, flops_per_seq)
     tracker = Tracker(
@@ -242,7 +265,7 @@ def _setup(cfg: RunConfig, train_flops_per_sequence) -> tuple[_Run, checkpoint.L
     tracker.log_params(cfg.flat())
     tracker.log_artifact(run_dir / "config.yaml")
     r = _Run(
-        cfg, groups, manifest, model_cfg, vocab, engine, loader, tracker,
+        cfg, runtime, groups, manifest, model_cfg, vocab, engine, loader, tracker,
         Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE), run_dir, layout, total_steps,
         flops_per_seq, device_peak_flops(cfg.train.peak_flops),
     )  # fmt: skip
@@ -322,7 +345,9 @@ def _save(r: _Run, state) -> None:
 
 
 def _validate_and_sample(r: _Run, state) -> None:
-    val = validate(r.engine.module, r.cfg, r.model_cfg, r.manifest, r.vocab, r.groups)
+    val = validate(
+        r.engine.module, r.cfg, r.model_cfg, r.manifest, r.vocab, r.groups, r.runtime.device
+    )
     r.history["validation (ELBO)"].append((state.step, val))
     log.info("validation at step %d: loss %.4f, perplexity %.2f", state.step, val, math.exp(val))
     r.tracker.log_metrics({"val/loss": val, "val/perplexity": math.exp(val)}, state.step)

@@ -16,21 +16,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args) -> None:
-    """Call fn(rank, world_size, *args) on each rank of a gloo group.
+def run_distributed(fn: Callable, world_size: int, *args, backend: str = "gloo") -> None:
+    """Call fn(rank, world_size, *args) on each rank of a gloo group (or `backend`).
 
     A failure re-raises here with the failing rank and its traceback (torch's
     ProcessRaisedException names the process). fn must be a module-level function.
     """
     mp.start_processes(
-        _entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, start_method="spawn"
+        _entry,
+        args=(world_size, _free_port(), fn, args, backend),
+        nprocs=world_size,
+        start_method="spawn",
     )

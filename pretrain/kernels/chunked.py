@@ -24,10 +24,12 @@ def _blocks(logits: Tensor, rows, real: Tensor):
 
 
 def _add_at(block: Tensor, ids: Tensor, lo: int, values: Tensor) -> None:
-    """block[i, ids[i] - lo] += values[i] where ids[i] falls inside this block."""
+    """block[i, ids[i] - lo] += values[i] where ids[i] falls inside this block (no
+    data-dependent shapes: no host sync on a GPU)."""
     local = ids - lo
-    rows = ((local >= 0) & (local < block.shape[1])).nonzero(as_tuple=True)[0]
-    block[rows, local[rows]] += values[rows].to(block.dtype)
+    inside = (local >= 0) & (local < block.shape[1])
+    added = torch.where(inside, values, 0).to(block.dtype).unsqueeze(1)
+    block.scatter_add_(1, local.clamp(0, block.shape[1] - 1).unsqueeze(1), added)
 
 
 def max_sumexp(logits: Tensor, rows, real: Tensor) -> tuple[Tensor, Tensor]:

@@ -59,10 +59,11 @@ def shard_start(width: int, group: ProcessGroup | None) -> int:
 
 
 def local_real(logits: Tensor, real: Tensor, group: ProcessGroup | None) -> Tensor:
-    """This shard's slice of the [V] real mask. logits [..., V/tp] -> [V/tp] bool"""
+    """This shard's slice of the [V] real mask (on the logits' device).
+    logits [..., V/tp] -> [V/tp] bool"""
     width = logits.shape[-1]
     start = shard_start(width, group)
-    return real[start : start + width].to(logits.device)
+    return real[start : start + width]
 
 
 def _log_normaliser(kernels, logits, rows, real, group) -> Tensor:

@@ -37,13 +37,13 @@ def _corrupt_kernel(
 
 
 def corrupt(x0: Tensor, keys: Tensor, threshold: Tensor, vocab, uniform_ids: bool) -> Tensor:
-    """x0 [B, L] int64; keys [B] int64 Philox keys; threshold [B] f32 (1 - alpha_t)."""
+    """x0 [B, L] int64; keys [B] int64 Philox keys; threshold [B] f32 (1 - alpha_t); vocab
+    on x0's device."""
     x0 = x0.contiguous()
     out = torch.empty_like(x0)
     batch, length = x0.shape
-    real_ids = vocab.real_ids.to(x0.device)
     _corrupt_kernel[(batch, triton.cdiv(length, BLOCK))](
-        x0, keys, threshold.contiguous(), real_ids, out, length, vocab.num_real, vocab.mask_id,
-        UNIFORM_IDS=uniform_ids, BLOCK=BLOCK,
+        x0, keys, threshold.contiguous(), vocab.real_ids, out, length, vocab.num_real,
+        vocab.mask_id, UNIFORM_IDS=uniform_ids, BLOCK=BLOCK,
     )  # fmt: skip
     return out

@@ -19,8 +19,9 @@ from pretrain.objectives.vocab import Vocab
 
 def corrupt(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab, uniform_ids: bool):
     """xt: each token replaced with probability 1 - alpha_t by a uniform real id
-    (`uniform_ids`) or by the mask id. x0 [B, L] int64, t [B], sample_ids [B] -> [B, L]"""
-    keys = row_keys(seed, STREAM_CORRUPT, sample_ids.cpu()).to(x0.device)
+    (`uniform_ids`) or by the mask id. x0 [B, L] int64, t [B], sample_ids [B] -> [B, L], all
+    on one device (the Triton kernel on CUDA, this module's form elsewhere)."""
+    keys = row_keys(seed, STREAM_CORRUPT, sample_ids)
     threshold = 1 - alpha(t).float()  # corrupted iff uniform(w0) < 1 - alpha_t
     if backend_name(x0) == "triton":
         from pretrain.kernels.triton_noise import corrupt as corrupt_kernel
@@ -28,7 +29,7 @@ def corrupt(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab, 
         return corrupt_kernel(x0, keys, threshold, vocab, uniform_ids)
     w0, w1, _, _ = philox4x32(keys.unsqueeze(1), torch.arange(x0.shape[1], device=x0.device))
     if uniform_ids:
-        replacement = vocab.real_ids.to(x0.device)[below(w1, vocab.num_real)]
+        replacement = vocab.real_ids[below(w1, vocab.num_real)]
     else:
         replacement = torch.full_like(x0, vocab.mask_id)
     return torch.where(uniform(w0) < threshold.unsqueeze(1), replacement, x0)

@@ -29,6 +29,24 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _signed(x: int) -> int:
+    """The int64 with the bits of the uint64 x."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 tensors holding uint64 bits (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64_tensor(x: Tensor) -> Tensor:
+    """_mix64 on int64 tensors, on their own device: int64 products wrap modulo 2^64, so
+    the bits equal those of the uint64 arithmetic."""
+    x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
+
+
 def philox_key(seed: int, stream: int, key: int) -> int:
     """The 64-bit Philox key of (seed, stream, key), e.g. key = a global sample index."""
     return _mix64(_mix64(_mix64(seed & 0xFFFFFFFFFFFFFFFF) ^ stream) ^ (key & 0xFFFFFFFFFFFFFFFF))
@@ -72,6 +90,7 @@ def below(word: Tensor, n: Tensor | int) -> Tensor:
 
 
 def row_keys(seed: int, stream: int, ids: Tensor) -> Tensor:
-    """Philox key per row: ids int64 [B] (global sample indices) -> int64 [B]."""
-    keys = [philox_key(seed, stream, int(i)) for i in ids.tolist()]
-    return torch.tensor([k - (1 << 64) if k >= 1 << 63 else k for k in keys], dtype=torch.int64)
+    """Philox key per row, philox_key(seed, stream, id) as int64, computed on ids' device (no
+    host round trip in the training step). ids int64 [B] (global sample indices) -> [B]"""
+    prefix = _signed(_mix64(_mix64(seed & 0xFFFFFFFFFFFFFFFF) ^ stream))
+    return _mix64_tensor(ids.long() ^ prefix)

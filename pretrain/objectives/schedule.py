@@ -29,9 +29,10 @@ def sample_t(seed: int, step: int, rows: Tensor, global_batch: int) -> Tensor:
     """Antithetic t for the given rows of a global batch: row p owns stratum [p/G, (p+1)/G).
 
     A function of (seed, step, p) only, so any split of the global batch over ranks and
-    micro-batches gives each row the same t. rows int64 [b] in [0, G) -> t float32 [b] in [eps, 1)
+    micro-batches gives each row the same t.
+    rows int64 [b] in [0, G) -> t float32 [b] in [eps, 1), on rows' device
     """
-    keys = row_keys(seed, STREAM_TIME, torch.tensor([step]))
+    keys = row_keys(seed, STREAM_TIME, torch.full_like(rows, step))
     u = uniform(philox4x32(keys, rows)[0]).double()
     t = (u + rows.double()) / global_batch
     return ((1 - EPS) * t + EPS).float()
