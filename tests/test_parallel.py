@@ -73,7 +73,9 @@ def _train_each_objective(
         r, _ = trainer._setup(cfg, flops_fn(cfg))
         module = r.engine.module
         grads = _capture_gradients(module)
-        batches = trainer._noised_micro_batches(iter(r.loader), cfg, r.vocab, r.groups, 0)
+        batches = trainer._noised_micro_batches(
+            iter(r.loader), cfg, r.vocab, r.groups, 0, r.runtime.device
+        )
         params, losses, result = dict(module.named_parameters()), [], {}
         for step in range(1, STEPS + 1):
             losses.append(r.engine.train_batch(data_iter=batches).item())
