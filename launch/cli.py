@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import subprocess
 import sys
 import types
 import typing
@@ -19,6 +18,7 @@ from pathlib import Path
 from data_pipeline import PrepareConfig, prepare_dataset, verify_dataset
 from data_pipeline.manifest import MANIFEST_FILE
 from dlm_errors import DlmError
+from launch.launcher import deepspeed_command, hostfile_slots, run_deepspeed, world_size
 from launch.train import add_run_arguments, configure_logging, flops_fn, load_run_config
 from pretrain.config import SamplingConfig
 from pretrain.tracking import default_tracking_uri
@@ -75,9 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_run_arguments(train)
     train.add_argument(
-        "--nproc", type=int, default=1, help="processes on this node (deepspeed launcher)"
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes on this node (deepspeed launcher; default 1), or per host of "
+        "--hostfile (default: every slot)",
     )
-    train.add_argument("--hostfile", default=None, help="deepspeed hostfile for several nodes")
+    train.add_argument("--hostfile", default=None, help="deepspeed hostfile (`HOST slots=N` lines)")
     train.set_defaults(run=_run_train)
 
     _add_command(
@@ -149,17 +153,17 @@ def _run_train(args: argparse.Namespace) -> int:
     # deepspeed and megatron-core take seconds to import: only the commands that train do
 
     cfg = load_run_config(args.preset, args.overrides)  # every check before any work
-    if not args.hostfile:  # with a hostfile the launcher decides the world size
-        cfg.check_world_size(args.nproc)
+    slots = hostfile_slots(args.hostfile) if args.hostfile else None
+    world = world_size(slots, args.nproc)
+    cfg.check_world_size(world)
     if cfg.data.path == DEFAULT_DATA.out and not (Path(cfg.data.path) / MANIFEST_FILE).is_file():
         print(f"preparing the embedded default dataset in {DEFAULT_DATA.out} (once)")
         prepare_dataset(DEFAULT_DATA)
-    if args.nproc > 1 or args.hostfile:
-        command = ["deepspeed", "--num_gpus", str(args.nproc)]
-        command += ["--hostfile", args.hostfile] if args.hostfile else []
-        command += ["--module", "launch.train", args.preset, *args.overrides]
+    if world > 1 or slots:
+        hosts = len(slots) if slots else 1
+        command = deepspeed_command(args.preset, args.overrides, args.nproc, args.hostfile, hosts)
         print("+ " + " ".join(command))
-        code = subprocess.call(command)
+        code = run_deepspeed(command, hosts)
         if code:
             return code
         run_dir = Path(cfg.train.run_dir)
