@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus N --module launch.train [PRESET] [section.key=value ...]
     torchrun --nproc-per-node N -m launch.train [PRESET] [section.key=value ...]
+    srun python -m launch.train [PRESET] [section.key=value ...]     (one task per rank)
     python -m launch.train [PRESET] [section.key=value ...]          (one process)
 
 It lives in launch/ because it joins the FLOPs accounting (launch.flops) to the loop
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from dlm_errors import DlmError
 from launch.flops import training_flops_per_sequence
 from parallel.config import ModelConfig
+from parallel.groups import environment_from_slurm
 from pretrain.config import RunConfig, load_config
 
 
@@ -81,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_run_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    environment_from_slurm()  # srun without a launcher; before the GPU is picked
     configure_logging()
     from pretrain.trainer import run  # deepspeed and megatron-core: seconds to import
 

@@ -9,6 +9,7 @@ both agree.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,49 @@ from torch.distributed import ProcessGroup
 
 from dlm_errors import ConfigError
 from parallel.config import ParallelConfig
+
+# srun's tasks meet on a port derived from the job id, below Linux's ephemeral range
+# (32768-60999) so that no outgoing connection holds it.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
+
+
+def environment_from_slurm() -> None:
+    """`srun python -m launch.train ...` starts every rank itself, with no launcher to set
+    torch's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT: derive them from the
+    task's SLURM variables (the rendezvous is the job's first host). Called once at process
+    start, before Runtime.detect picks the GPU by LOCAL_RANK. Nothing changes when a
+    launcher has set WORLD_SIZE, or outside an srun step (SLURM_STEP_ID unset: a batch
+    script's own process is not one of the step's tasks, and SLURM_NTASKS there counts the
+    tasks it has yet to start). MASTER_ADDR and MASTER_PORT already set are kept.
+    """
+    env = os.environ
+    if "WORLD_SIZE" in env or "SLURM_STEP_ID" not in env:
+        return
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env["SLURM_LOCALID"]
+    env.setdefault("MASTER_ADDR", expand_nodelist(env["SLURM_JOB_NODELIST"])[0])
+    port = SLURM_PORT_BASE + int(env["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
+    env.setdefault("MASTER_PORT", str(port))
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list, in order: "gpu[03-05,9],login1" -> gpu03, gpu04, gpu05,
+    gpu9, login1 (zero padding kept; several bracket groups in one name multiply)."""
+    names = re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist)  # split at commas outside [...]
+    return [host for name in names for host in _expand_name(name)]
+
+
+def _expand_name(name: str) -> list[str]:
+    match = re.match(r"([^\[]*)\[([^\]]*)\](.*)", name)
+    if match is None:
+        return [name]
+    prefix, ranges, rest = match.groups()
+    hosts = []
+    for part in ranges.split(","):
+        first, _, last = part.partition("-")
+        for i in range(int(first), int(last or first) + 1):
+            hosts += [f"{prefix}{i:0{len(first)}d}{tail}" for tail in _expand_name(rest)]
+    return hosts
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Launchers: a signal to `dlm train --nproc N` reaches every worker, which saves and exits 0,
-and leaves no process behind; a hostfile's slots set the world size."""
+and leaves no process behind; a hostfile's slots set the world size; `srun` without a
+launcher trains data parallel from SLURM's variables alone."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_train import _launch, _overrides, _torchrun, _wait_for_step
+from distributed import _free_port
+from test_train import ONE_THREAD, _launch, _overrides, _torchrun, _wait_for_step
 
 from launch.cli import main
+from parallel.groups import environment_from_slurm, expand_nodelist
 
 # Long enough never to finish: the runs below end by a signal.
 UNFINISHED = ("train.steps=1000", "train.checkpoint_every=1000", "train.val_every=1000")
@@ -157,3 +160,75 @@ def test_a_hostfile_that_does_not_fit_is_refused_before_launching(
     assert main([*args, "--hostfile", str(tmp_path / "hostfile"), *options]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing was launched
+
+
+def test_srun_without_a_launcher_trains_data_parallel(dataset, tmp_path):
+    """Two tasks as srun starts them: SLURM's variables only, no RANK, WORLD_SIZE,
+    LOCAL_RANK or MASTER_ADDR."""
+    run_dir = tmp_path / "srun"
+    torch_variables = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+    env = {k: v for k, v in ONE_THREAD.items()
+           if k not in torch_variables and not k.startswith("SLURM_")}  # fmt: skip
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
+             "SLURM_STEP_ID": "0", "MASTER_PORT": str(_free_port())}  # fmt: skip
+    command = [sys.executable, "-m", "launch.train", "default",
+               *_overrides(dataset, run_dir, "train.steps=3", "train.val_every=1000")]  # fmt: skip
+    tasks = []
+    with open(tmp_path / "srun.log", "w") as log:
+        for rank in (0, 1):
+            task_env = {**env, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+            tasks.append(subprocess.Popen(command, env=task_env, stdout=log, stderr=log))
+        try:
+            assert [task.wait(timeout=180) for task in tasks] == [0, 0]
+        finally:
+            for task in tasks:
+                task.kill()
+    assert _saved_step(run_dir) == 3
+    assert _saved_layout(run_dir) == {"tensor": 1, "pipeline": 1, "data": 2}
+
+
+def test_expand_nodelist():
+    assert expand_nodelist("gpu[03-05,9],login1") == ["gpu03", "gpu04", "gpu05", "gpu9", "login1"]
+    assert expand_nodelist("n[8-11]") == ["n8", "n9", "n10", "n11"]
+    assert expand_nodelist("n[098-101]") == ["n098", "n099", "n100", "n101"]
+    assert expand_nodelist("rack[1-2]-gpu[1,3]") == ["rack1-gpu1", "rack1-gpu3", "rack2-gpu1",
+                                                     "rack2-gpu3"]  # fmt: skip
+    assert expand_nodelist("a,b[2],10.0.0.1") == ["a", "b2", "10.0.0.1"]
+
+
+# Task 5 of 8, the second on its node, as srun starts it.
+SRUN_TASK = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}  # fmt: skip
+
+
+def test_environment_from_slurm(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in SRUN_TASK.items():
+        monkeypatch.setenv(key, value)
+    environment_from_slurm()
+    assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
+        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07"}  # fmt: skip
+    assert 1024 <= int(os.environ["MASTER_PORT"]) < 32768  # unprivileged, not ephemeral
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.delenv("WORLD_SIZE")
+    environment_from_slurm()
+    assert os.environ["MASTER_PORT"] == "29999"  # one set by the user is kept
+
+
+@pytest.mark.parametrize("case", ["launcher", "batch script"])
+def test_environment_from_slurm_leaves_launched_and_batch_processes_alone(monkeypatch, case):
+    """A launcher's WORLD_SIZE wins; a batch script's own process (no SLURM_STEP_ID, while
+    SLURM_NTASKS counts the tasks it may start) stays one process instead of waiting for
+    peers that never come."""
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in SRUN_TASK.items():
+        monkeypatch.setenv(key, value)
+    if case == "launcher":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    else:
+        monkeypatch.delenv("SLURM_STEP_ID")
+    environment_from_slurm()
+    assert os.environ.get("WORLD_SIZE") == ("2" if case == "launcher" else None)
+    assert "RANK" not in os.environ
