@@ -91,7 +91,7 @@ def test_sigusr1_to_dlm_train_saves_on_every_rank_exits_0_and_resumes(dataset, t
     assert _saved_layout(run_dir)["data"] == 2
     resumed = _launch(_torchrun(dataset, run_dir, 2, *UNFINISHED, f"train.steps={saved + 1}"),
                       run_dir)  # fmt: skip
-    assert resumed.wait(timeout=120) == 0
+    assert resumed.wait(timeout=300) == 0
     assert f"resumed from step {saved}" in (tmp_path / "preempted.log").read_text()
     assert _saved_step(run_dir) == saved + 1
 
@@ -105,7 +105,7 @@ def test_sigterm_before_the_workers_can_take_it_is_kept_for_them(dataset, tmp_pa
     try:
         _wait_for_runner(proc, run_dir)
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=240) == 0  # the workers start, take one step and save
+        assert proc.wait(timeout=300) == 0  # the workers start, take one step and save
     finally:
         _no_process_left(run_dir)
     assert 1 <= _saved_step(run_dir) < 1000
@@ -132,7 +132,7 @@ def test_hostfile_without_nproc_uses_every_slot(dataset, tmp_path):
     command = _dlm_train(dataset, run_dir, "--hostfile", str(tmp_path / "hostfile"),
                          extra=("train.steps=2", "train.val_every=1000"))  # fmt: skip
     try:
-        assert _launch(command, run_dir).wait(timeout=180) == 0
+        assert _launch(command, run_dir).wait(timeout=300) == 0
     finally:
         _no_process_left(run_dir)
     assert _saved_layout(run_dir) == {"tensor": 1, "pipeline": 1, "data": 2}
@@ -179,7 +179,7 @@ def test_srun_without_a_launcher_trains_data_parallel(dataset, tmp_path):
             task_env = {**env, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
             tasks.append(subprocess.Popen(command, env=task_env, stdout=log, stderr=log))
         try:
-            assert [task.wait(timeout=180) for task in tasks] == [0, 0]
+            assert [task.wait(timeout=300) for task in tasks] == [0, 0]
         finally:
             for task in tasks:
                 task.kill()
