@@ -91,7 +91,10 @@ def test_sigusr1_to_dlm_train_saves_on_every_rank_exits_0_and_resumes(dataset, t
     assert _saved_layout(run_dir)["data"] == 2
     resumed = _launch(_torchrun(dataset, run_dir, 2, *UNFINISHED, f"train.steps={saved + 1}"),
                       run_dir)  # fmt: skip
-    assert resumed.wait(timeout=300) == 0
+    try:
+        assert resumed.wait(timeout=300) == 0
+    finally:
+        _no_process_left(run_dir)
     assert f"resumed from step {saved}" in (tmp_path / "preempted.log").read_text()
     assert _saved_step(run_dir) == saved + 1
 
