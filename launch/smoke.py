@@ -1,0 +1,475 @@
+"""The check to run first on a new machine or cluster, one command, a few minutes:
+
+    python -m launch.smoke [--out DIR] [--steps 30] [--size SIZE] [--data DIR] [k=v ...]
+    torchrun --nproc-per-node N -m launch.smoke ...      (several GPUs: every rank checks)
+
+Devices and collectives, every Triton kernel against its PyTorch twin in float32 and bf16,
+a short bf16 training run whose loss must fall, a sample, a resume from the checkpoint, then
+tokens/s and MFU. One line per check; the exit code is 0 only if none failed. With several
+ranks a check fails if it failed on any rank, rank 0 prints, and DIR must be shared by all
+ranks (as a run directory is). Everything else printed goes to DIR/smoke.rankN.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from data_pipeline import PrepareConfig, open_dataset, prepare_dataset
+from data_pipeline.manifest import MANIFEST_FILE
+from dlm_errors import ConfigError
+from launch.train import flops_fn
+from parallel.config import ParallelConfig
+from parallel.groups import Runtime, init_process_groups
+from pretrain import checkpoint
+from pretrain.config import RunConfig, SamplingConfig, load_config
+from pretrain.kernels import KERNELS_ENV
+from pretrain.kernels.losses import all_rows, cross_entropy, duo_statistics
+from pretrain.metrics import device_peak_flops
+from pretrain.objectives.corruption import corrupt
+from pretrain.objectives.schedule import alpha
+from pretrain.objectives.vocab import Vocab
+from pretrain.run_sampling import sample_run
+from pretrain.trainer import model_spec, run
+
+log = logging.getLogger(__name__)
+FAIL, SKIP, PASS = "FAIL", "SKIP", "PASS"
+STATUSES = (FAIL, SKIP, PASS)  # worst first: the ranks agree on the minimum
+DEFAULT_DATA = PrepareConfig(out="data/stdlib", seq_len=256)  # the default preset's dataset
+STEP_LINE = re.compile(r"step\s+(\d+)/\d+ \|")  # the start of pretrain.metrics.step_line
+# Kernel inputs: tokens, vocabulary (Llama's with the mask on GPU; on CPU, for interpreted
+# Triton, small with ragged last blocks), noised [B, L], timed calls after the first (CPU:
+# none, the first one is timed; the interpreter compiles nothing).
+KERNEL_SIZES = {"cuda": (4096, 32001, (64, 4096), 10), "cpu": (64, 1102, (4, 1500), 0)}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # PASS, SKIP or FAIL
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status}  {self.name:<29}  {self.detail}"
+
+
+@dataclass(frozen=True)
+class SmokeReport:
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.status != FAIL for check in self.checks)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmokeOptions:
+    out: Path = Path("runs/smoke")  # the run directory is OUT/run, replaced at each check
+    steps: int = 30
+    size: str = ""  # model.size; default 19M on a GPU, cpu-small otherwise
+    data: str = ""  # a prepared dataset; default the embedded corpus in data/stdlib
+    overrides: tuple[str, ...] = ()  # section.key=value for the training run, applied last
+    max_loss_ratio: float = 0.9  # mean loss of the last steps / of the first steps: below it
+
+    def __post_init__(self) -> None:
+        if self.steps < 2:
+            raise ConfigError(f"--steps {self.steps}: the loss check needs at least 2; use 30")
+
+
+def run_smoke(opts: SmokeOptions, on_check: Callable[[Check], None] = print) -> SmokeReport:
+    """Every check in order. A failure stops only the checks that need its result: without a
+    runtime nothing runs; without a saved checkpoint no sample, resume or throughput."""
+    checks: list[Check] = []
+
+    def add(check: Check) -> None:
+        log.info("this rank: %s", check.line())  # each rank's own figures, in its log
+        checks.append(_agreed(check, runtime.device))
+        on_check(checks[-1])
+
+    try:
+        runtime = Runtime.detect()
+        init_process_groups(ParallelConfig(), runtime)
+    except Exception as e:  # nothing else can run: reported
+        on_check(failed := _failed("devices", e))
+        return SmokeReport([failed])
+    add(check_devices(runtime))
+    add(_attempt("collectives", partial(check_collectives, runtime)))
+    for check in check_kernels(runtime):
+        add(check)
+    clock, cfg = _StepClock(), None
+    try:
+        cfg = _training_config(opts)  # prepares the default dataset if needed
+        add(_attempt("training", partial(check_training, cfg, clock, opts.max_loss_ratio)))
+    except Exception as e:  # an unusable dataset or override: reported
+        add(_failed("training", e))
+    if cfg is None or checkpoint.latest_tag(cfg.train.run_dir) is None:
+        for name in ("sample", "checkpoint reload", "throughput"):
+            add(Check(name, SKIP, "no trained run"))
+        return SmokeReport(checks)
+    add(_attempt("sample", partial(check_sample, cfg)))
+    add(_attempt("checkpoint reload", partial(check_resume, cfg)))
+    add(_attempt("throughput", partial(check_throughput, cfg, clock)))
+    return SmokeReport(checks)
+
+
+def _failed(name: str, e: Exception) -> Check:
+    log.error("%s failed", name, exc_info=e)
+    return Check(name, FAIL, f"{type(e).__name__}: {e}")
+
+
+def _attempt(name: str, check: Callable[[], Check]) -> Check:
+    """The check's result, or FAIL with the error (traceback in the log): an exception is a
+    finding here, and the next check still runs."""
+    try:
+        return check()
+    except Exception as e:
+        return _failed(name, e)
+
+
+def _agreed(check: Check, device: torch.device) -> Check:
+    """The worst status over all ranks: a GPU failing on rank 5 fails the check on rank 0."""
+    worst = torch.tensor([STATUSES.index(check.status)], device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MIN)
+    status = STATUSES[int(worst)]
+    return check if status == check.status else Check(check.name, status, "on another rank")
+
+
+def check_devices(runtime: Runtime) -> Check:
+    """What this process sees, and the runtime the trainer will use."""
+    parts = [f"torch {torch.__version__}"]
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(runtime.device)
+        names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        parts += [f"CUDA {torch.version.cuda}, NCCL {nccl}",
+                  f"{torch.cuda.device_count()} x {' + '.join(sorted(names))}",
+                  f"{free / 2**30:.1f}/{total / 2**30:.1f} GiB free"]  # fmt: skip
+    else:
+        parts.append("no GPU")
+    parts.append(f"this rank on {runtime.device}, {dist.get_world_size()} rank(s)")
+    return Check("devices", PASS, ", ".join(parts))
+
+
+def check_collectives(runtime: Runtime, size_bytes: int = 64 * 2**20) -> Check:
+    """An all-reduce on the trainer's backend with its values checked; with several ranks also
+    a send/recv ring and the bus bandwidth of a `size_bytes` all-reduce (as nccl-tests)."""
+    world, rank, device = dist.get_world_size(), dist.get_rank(), runtime.device
+    total = torch.full((1024,), rank + 1.0, device=device)
+    dist.all_reduce(total)
+    ok = bool((total == world * (world + 1) / 2).all())
+    detail = f"{dist.get_backend()}: all_reduce over {world} rank(s) {'ok' if ok else 'WRONG'}"
+    if world == 1:
+        return Check("collectives", PASS if ok else FAIL, f"{detail}; send/recv needs 2+ ranks")
+    received, sent = (
+        torch.empty(1024, device=device),
+        torch.full((1024,), rank + 0.0, device=device),
+    )
+    for request in dist.batch_isend_irecv([
+        dist.P2POp(dist.isend, sent, (rank + 1) % world),
+        dist.P2POp(dist.irecv, received, (rank - 1) % world),
+    ]):  # fmt: skip
+        request.wait()
+    ring_ok = bool((received == (rank - 1) % world).all())
+    _, ms = _timed(partial(dist.all_reduce, torch.ones(size_bytes // 4, device=device)), device, 5)
+    bus_gb_per_s = size_bytes / ms / 1e6 * 2 * (world - 1) / world
+    detail += (f", send/recv ring {'ok' if ring_ok else 'WRONG'}, {size_bytes >> 20} MiB "
+               f"all_reduce {bus_gb_per_s:.1f} GB/s bus bandwidth")  # fmt: skip
+    return Check("collectives", PASS if ok and ring_ok else FAIL, detail)
+
+
+def _timed(fn: Callable, device: torch.device, repeats: int) -> tuple:
+    """fn's first result and the ms per call: of the calls after the first (which compiles and
+    warms up), or with no repeats of the first one."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    start = time.perf_counter()
+    result = fn()
+    synchronize()
+    if repeats:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        synchronize()
+    return result, (time.perf_counter() - start) / max(repeats, 1) * 1e3
+
+
+@contextlib.contextmanager
+def _kernels(backend: str) -> Iterator[None]:
+    """DLM_KERNELS=backend meanwhile (read by pretrain.kernels.backend_name)."""
+    saved = os.environ.get(KERNELS_ENV)
+    os.environ[KERNELS_ENV] = backend
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[KERNELS_ENV]
+        else:
+            os.environ[KERNELS_ENV] = saved
+
+
+def _relative(got: Tensor, ref: Tensor) -> float:
+    """The largest error of a row relative to the row's largest reference entry; a 1-D
+    tensor (per-token values) has one entry per row."""
+    got, ref = (x.double().reshape(-1, ref.shape[-1] if ref.dim() > 1 else 1) for x in (got, ref))
+    scale = ref.abs().amax(-1).clamp_min(1e-300)
+    return ((got - ref).abs().amax(-1) / scale).max().item()
+
+
+def _compare(name: str, fn: Callable, tolerances: dict[str, float], device, repeats) -> Check:
+    """The Triton kernels against the chunked twins on the same inputs; fn returns one tensor
+    per tolerance on the largest relative error (0: bit-identical)."""
+    with _kernels("triton"):
+        kernel, kernel_ms = _timed(fn, device, repeats)
+    with _kernels("chunked"):
+        twin, twin_ms = _timed(fn, device, repeats)
+    errors = [_relative(a, b) for a, b in zip(kernel, twin, strict=True)]
+    ok = all(e <= tolerance for e, tolerance in zip(errors, tolerances.values(), strict=True))
+    figures = ", ".join(
+        f"{label} {e:.1e}" if tolerance else f"{label} {'bit-identical' if e == 0 else 'DIFFERS'}"
+        for e, (label, tolerance) in zip(errors, tolerances.items(), strict=True)
+    )
+    detail = f"{figures}; triton {kernel_ms:.2f} ms, chunked {twin_ms:.2f} ms"
+    return Check(name, PASS if ok else FAIL, detail)
+
+
+def check_kernels(runtime: Runtime) -> list[Check]:
+    """Every Triton kernel against its twin: the cross-entropy and Duo losses forward and
+    backward in float32 and bf16 logits, and the noising of MDLM and Duo. A broken kernel is
+    off by O(1); the tolerances leave room for float32 in another summation order: values
+    1e-5 (the tests' bound against float64); float32 gradients 1e-3, as Duo's near t = 1e-3 is
+    a difference of terms near r p >> 1 (each backend is within 1e-4 of float64 at V = 32001);
+    bf16 gradients 1e-2, each backend's float32 rounded to bf16 (one ulp is 2^-8)."""
+    device = runtime.device
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return [Check("kernels", SKIP, "CPU without TRITON_INTERPRET=1 (set it before starting)")]
+    tokens, v, noise_shape, repeats = KERNEL_SIZES[device.type]
+    vocab = Vocab.build(v, mask_id=4, never_in_data=(3, v - 1)).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    checks = []
+    for dtype, grad_tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
+        logits = (torch.randn(tokens, v, generator=g, device=device) * 3).to(dtype)
+        for name in ("cross-entropy", "duo"):
+            label = f"kernel {name} {str(dtype).removeprefix('torch.')}"
+            fn = _loss_and_grad(name, logits, vocab, g)
+            tolerances = {"loss err": 1e-5, "grad err": grad_tolerance}
+            checks.append(
+                _attempt(label, partial(_compare, label, fn, tolerances, device, repeats))
+            )
+    for name, uniform_ids in (("mdlm", False), ("duo", True)):
+        x0 = _real_ids(vocab, noise_shape, g)
+        t = torch.rand(len(x0), generator=g, device=device) * 0.998 + 1e-3
+        ids = torch.randint(2**40, (len(x0),), generator=g, device=device)
+        fn = partial(_noise, x0, t, ids, vocab, uniform_ids)
+        label = f"kernel noise {name}"
+        checks.append(_attempt(label, partial(_compare, label, fn, {"xt": 0}, device, repeats)))
+    return checks
+
+
+def _real_ids(vocab: Vocab, shape, g: torch.Generator) -> Tensor:
+    return vocab.real_ids[torch.randint(vocab.num_real, shape, generator=g, device=g.device)]
+
+
+def _loss_and_grad(name: str, logits: Tensor, vocab: Vocab, g: torch.Generator) -> Callable:
+    """Inputs drawn once (Duo: t from 1e-3 to 1, xt == x0 for half the tokens); each call:
+    the per-token values and the logits gradient under random upstream weights.
+    logits [N, V] -> cross-entropy ([N] f32, [N, V]); Duo (D, x̂[x0], x̂[xt]) ([3N] f64, [N, V])"""
+    n, device = logits.shape[0], g.device
+    x0, others = _real_ids(vocab, (n,), g), _real_ids(vocab, (n,), g)
+    xt = torch.where(torch.rand(n, generator=g, device=device) < 0.5, others, x0)
+    a = alpha(torch.rand(n, generator=g, device=device, dtype=torch.float64) * 0.998 + 1e-3)
+    weights = torch.rand(3 * n, generator=g, device=device, dtype=torch.float64)
+
+    def values_of(x: Tensor) -> Tensor:
+        if name == "cross-entropy":
+            return cross_entropy(x, vocab.real, x0, all_rows(x))
+        return torch.cat(duo_statistics(x, vocab.real, x0, xt, vocab.num_real * a / (1 - a)))
+
+    def call() -> tuple[Tensor, Tensor]:
+        x = logits.detach().requires_grad_()
+        values = values_of(x)
+        (values * weights[: len(values)]).sum().backward()
+        return values.detach(), x.grad
+
+    return call
+
+
+def _noise(x0: Tensor, t: Tensor, ids: Tensor, vocab: Vocab, uniform_ids: bool) -> tuple[Tensor]:
+    """xt of MDLM (mask) or Duo (uniform ids). x0 [B, L]; t, ids [B] -> ([B, L],)"""
+    return (corrupt(x0, t, ids, 0, vocab, uniform_ids),)
+
+
+class _StepClock(logging.Handler):
+    """When the trainer logs its step lines: between the first and the last only training
+    steps run (validation, samples and the checkpoint come after the last one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.marks: list[tuple[int, float]] = []  # (step, time.time())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if match := STEP_LINE.match(record.getMessage()):
+            self.marks.append((int(match[1]), record.created))
+
+
+def _training_config(opts: SmokeOptions) -> RunConfig:
+    """A small MDLM in bf16: one micro-batch per rank per step; validation and a checkpoint
+    only at the end, so that the step lines time training alone; the user's overrides last."""
+    gpu, steps = torch.cuda.is_available(), opts.steps
+    micro = 32 if gpu else 8
+    return load_config("default", [
+        f"data.path={_dataset(opts.data)}", f"train.run_dir={opts.out / 'run'}",
+        f"model.size={opts.size or ('19M' if gpu else 'cpu-small')}", "train.dtype=bfloat16",
+        f"train.steps={steps}", f"train.micro_batch={micro}",
+        f"train.global_batch={micro * dist.get_world_size()}", f"train.val_sequences={micro}",
+        f"train.log_every={max(1, steps // 3)}", f"train.val_every={steps}",
+        f"train.checkpoint_every={steps}", "train.num_samples=1", "train.sample_steps=16",
+        f"optim.min_warmup_steps={max(1, steps // 6)}", *opts.overrides,
+    ])  # fmt: skip
+
+
+def _dataset(data: str) -> str:
+    """--data, else the embedded corpus in data/stdlib, prepared once as `dlm train` does."""
+    if data:
+        return data
+    if not (Path(DEFAULT_DATA.out) / MANIFEST_FILE).is_file():
+        if dist.get_rank() == 0:
+            prepare_dataset(DEFAULT_DATA)
+        dist.barrier()
+    return DEFAULT_DATA.out
+
+
+def _train_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def check_training(cfg: RunConfig, clock: _StepClock, max_loss_ratio: float) -> Check:
+    """A fresh run (the last smoke check's is removed, not resumed): PASS if the mean loss of
+    the last steps is below max_loss_ratio x that of the first steps."""
+    run_dir = Path(cfg.train.run_dir)
+    if dist.get_rank() == 0 and run_dir.exists():
+        shutil.rmtree(run_dir)
+    dist.barrier()
+    trainer_log = logging.getLogger("pretrain.trainer")
+    level = trainer_log.level
+    trainer_log.setLevel(logging.INFO)  # the step lines, whatever the caller's logging
+    trainer_log.addHandler(clock)
+    try:
+        run(cfg, flops_fn(cfg))
+    finally:
+        trainer_log.removeHandler(clock)
+        trainer_log.setLevel(level)
+    losses = [record["loss"] for record in _train_log(run_dir)]
+    n = max(1, min(5, len(losses) // 2))
+    first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
+    ok = len(losses) == cfg.train.steps and math.isfinite(last) and last < max_loss_ratio * first
+    detail = f"{len(losses)} steps, {cfg.model.size} {cfg.train.dtype}: mean loss of first/last {n}"
+    detail += f" {first:.3f} -> {last:.3f} (must be < {max_loss_ratio} x)"
+    return Check("training", PASS if ok else FAIL, detail)
+
+
+def check_sample(cfg: RunConfig) -> Check:
+    """A sample from the saved checkpoint, as `dlm sample` writes it."""
+    samples = sample_run(cfg.train.run_dir, SamplingConfig(steps=16, num_samples=1))
+    text = samples.texts[0] if samples.texts else ""
+    detail = f"step {samples.step}, {samples.tokens_per_s:.0f} tok/s: {text[:40]!r}"
+    return Check("sample", PASS if text.strip() else FAIL, detail)
+
+
+def check_resume(cfg: RunConfig) -> Check:
+    """Two more steps in the same run directory: PASS if the run went on from the checkpoint
+    (steps N+1 and N+2 appended, not a restart from step 1) and saved step N+2."""
+    run_dir, steps = Path(cfg.train.run_dir), cfg.train.steps
+    before = len(_train_log(run_dir))
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps + 2))
+    run(longer, flops_fn(longer))
+    new_steps = [record["step"] for record in _train_log(run_dir)[before:]]
+    latest = checkpoint.latest_tag(run_dir)
+    ok = new_steps == [steps + 1, steps + 2] and latest == f"step{steps + 2:08d}"
+    detail = f"resumed at step {steps}, ran steps {new_steps}, latest checkpoint {latest}"
+    return Check("checkpoint reload", PASS if ok else FAIL, detail)
+
+
+def check_throughput(cfg: RunConfig, clock: _StepClock) -> Check:
+    """Tokens/s of the first run between its first and last step lines, and the model FLOPs
+    utilisation against pretrain.metrics.device_peak_flops (train.peak_flops when set)."""
+    if len(clock.marks) < 2:
+        return Check("throughput", FAIL, "fewer than 2 step lines in the trainer's log")
+    (first_step, start), (last_step, end) = clock.marks[0], clock.marks[-1]
+    manifest = open_dataset(cfg.data.path)
+    model_cfg, _ = model_spec(cfg, manifest)
+    sequences_per_s = (last_step - first_step) * cfg.train.global_batch / (end - start)
+    per_device = sequences_per_s * flops_fn(cfg)(model_cfg) / dist.get_world_size()
+    mfu = per_device / device_peak_flops(cfg.train.peak_flops)
+    tokens_per_s = sequences_per_s * manifest.seq_len
+    detail = (f"{tokens_per_s:,.0f} tok/s over steps {first_step}-{last_step}, "
+              f"{per_device / 1e12:.3f} TFLOP/s per device, MFU {100 * mfu:.1f}%")  # fmt: skip
+    return Check("throughput", PASS, detail)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="launch.smoke",
+        description="Devices, collectives, Triton kernels, training, sample, resume, MFU.",
+    )
+    parser.add_argument("--out", default="runs/smoke", help="run directory and log (OUT/run)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps")
+    parser.add_argument("--size", default="", help="model.size (default: 19M on GPU, cpu-small)")
+    parser.add_argument("--data", default="", help="a prepared dataset (default: data/stdlib)")
+    parser.add_argument("--max-loss-ratio", type=float, default=0.9,
+                        help="last/first mean training loss must be below it")  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="for the training run, e.g. optim.lr=3e-3")  # fmt: skip
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        opts = SmokeOptions(
+            out=Path(args.out), steps=args.steps, size=args.size, data=args.data,
+            overrides=tuple(args.overrides), max_loss_ratio=args.max_loss_ratio,
+        )  # fmt: skip
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts.out.mkdir(parents=True, exist_ok=True)
+    terminal, start = sys.stdout, time.perf_counter()
+    log_path = opts.out / f"smoke.rank{os.environ.get('RANK', '0')}.log"
+
+    def show(check: Check) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(check.line(), file=terminal, flush=True)
+
+    handler, root = logging.FileHandler(log_path, mode="w"), logging.getLogger()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:  # the libraries' own prints go to the log, the check lines to the terminal
+        with contextlib.redirect_stdout(handler.stream):
+            report = run_smoke(opts, show)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+    counts = ", ".join(f"{sum(c.status == s for c in report.checks)} {s}" for s in STATUSES)
+    show(Check("smoke check", PASS if report.passed else FAIL,
+               f"{counts} in {time.perf_counter() - start:.0f} s; log in {log_path}"))  # fmt: skip
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
