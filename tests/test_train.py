@@ -130,7 +130,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
 )
 def test_sigkill_and_resume_reproduce_every_loss(dataset, tmp_path, nproc, layout):
     """A run through the deepspeed launcher uninterrupted, against the same run through
-    torchrun killed with SIGKILL at step 7 and started again: bitwise equal losses. The
+    torchrun killed with SIGKILL at step 5 and started again: bitwise equal losses. The
     tensor 2 x pipeline 2 run also equals one process (within 1e-5)."""
     steps = ["train.steps=12", "train.checkpoint_every=4", "train.val_every=100",
              "data.num_workers=1", *layout]  # fmt: skip
@@ -143,7 +143,7 @@ def test_sigkill_and_resume_reproduce_every_loss(dataset, tmp_path, nproc, layou
     assert code == 0
     killed = tmp_path / "killed"
     proc = _launch(_torchrun(dataset, killed, nproc, *steps), killed)
-    _wait_for_step(killed, 7, proc)
+    _wait_for_step(killed, 5, proc)  # three steps before the next checkpoint: room for a slow kill
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoints" / "latest").read_text() == "step00000004"
