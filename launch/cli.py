@@ -30,6 +30,9 @@ log = logging.getLogger("dlm")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["smoke"]:  # every option after it is launch.smoke's own
+        return _run_smoke(argparse.Namespace(smoke_args=argv[1:]))
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
     # `dlm train PRESET --nproc 2 a.b=c`: overrides may follow the options
@@ -88,6 +91,13 @@ def _build_parser() -> argparse.ArgumentParser:
         sub, "sample", "write samples from the latest checkpoint of a run", SamplingConfig,
         _run_sample, positional="run_dir",
     )  # fmt: skip
+    smoke = sub.add_parser(
+        "smoke",
+        add_help=False,  # `dlm smoke --help` is launch.smoke's own
+        help="check a new machine or cluster first: devices, collectives, every Triton kernel, "
+        "a short bf16 run, a sample, a resume, tokens/s and MFU",
+    )
+    smoke.add_argument("smoke_args", nargs=argparse.REMAINDER)  # see main
     return parser
 
 
@@ -186,6 +196,12 @@ def _run_sample(args: argparse.Namespace) -> int:
         print(f"===== sample {i} (step {result.step}) =====\n{text}\n")
     print(f"{result.tokens_per_s:.0f} tokens/s, {result.forward_passes} forward passes")
     return 0
+
+
+def _run_smoke(args: argparse.Namespace) -> int:
+    from launch.smoke import main as smoke  # deepspeed, megatron-core, triton
+
+    return smoke(args.smoke_args)
 
 
 def _run_verify(args: argparse.Namespace) -> int:

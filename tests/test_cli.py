@@ -20,7 +20,7 @@ def _help(*args: str) -> str:
 
 def test_top_level_help_lists_each_subcommand_with_a_line():
     text = _help()
-    for name in ("prepare", "verify"):
+    for name in ("prepare", "verify", "train", "sample", "smoke"):
         line = next(line for line in text.splitlines() if line.strip().startswith(name))
         assert len(line.split()) > 2, f"{name} has no one-line description"
 
@@ -53,3 +53,8 @@ def test_train_refuses_a_layout_that_does_not_split_before_launching(dataset, tm
     assert main([*common, "--nproc", "4", "parallel.tensor=2", *batch]) == 2
     assert "micro_batch=16 x data-parallel size 2" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing was launched
+
+
+def test_smoke_takes_its_own_options():
+    """`dlm smoke ARGS` is `python -m launch.smoke ARGS`."""
+    assert "--max-loss-ratio" in _help("smoke")
