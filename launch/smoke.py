@@ -8,6 +8,10 @@ a short bf16 training run whose loss must fall, a sample, a resume from the chec
 tokens/s and MFU. One line per check; the exit code is 0 only if none failed. With several
 ranks a check fails if it failed on any rank, rank 0 prints, and DIR must be shared by all
 ranks (as a run directory is). Everything else printed goes to DIR/smoke.rankN.log.
+
+This module holds the options, the report, the order of the checks and all but the kernel
+comparisons, which are in launch.smoke_kernels; the result type `Check` and the helpers both
+use (attempt, timed) are in launch.smoke_check, below both.
 """
 
 from __future__ import annotations
@@ -23,51 +27,31 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from data_pipeline import PrepareConfig, open_dataset, prepare_dataset
 from data_pipeline.manifest import MANIFEST_FILE
 from dlm_errors import ConfigError
+from launch.smoke_check import FAIL, PASS, SKIP, STATUSES, Check, attempt, failed, timed
+from launch.smoke_kernels import check_kernels
 from launch.train import flops_fn
 from parallel.config import ParallelConfig
 from parallel.groups import Runtime, init_process_groups
 from pretrain import checkpoint
 from pretrain.config import RunConfig, SamplingConfig, load_config
-from pretrain.kernels import KERNELS_ENV
-from pretrain.kernels.losses import all_rows, cross_entropy, duo_statistics
 from pretrain.metrics import device_peak_flops
-from pretrain.objectives.corruption import corrupt
-from pretrain.objectives.schedule import alpha
-from pretrain.objectives.vocab import Vocab
 from pretrain.run_sampling import sample_run
 from pretrain.trainer import model_spec, run
 
 log = logging.getLogger(__name__)
-FAIL, SKIP, PASS = "FAIL", "SKIP", "PASS"
-STATUSES = (FAIL, SKIP, PASS)  # worst first: the ranks agree on the minimum
 DEFAULT_DATA = PrepareConfig(out="data/stdlib", seq_len=256)  # the default preset's dataset
 STEP_LINE = re.compile(r"step\s+(\d+)/\d+ \|")  # the start of pretrain.metrics.step_line
-# Kernel inputs: tokens, vocabulary (Llama's with the mask on GPU; on CPU, for interpreted
-# Triton, small with ragged last blocks), noised [B, L], timed calls after the first (CPU:
-# none, the first one is timed; the interpreter compiles nothing).
-KERNEL_SIZES = {"cuda": (4096, 32001, (64, 4096), 10), "cpu": (64, 1102, (4, 1500), 0)}
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: str  # PASS, SKIP or FAIL
-    detail: str
-
-    def line(self) -> str:
-        return f"{self.status}  {self.name:<29}  {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -107,40 +91,26 @@ def run_smoke(opts: SmokeOptions, on_check: Callable[[Check], None] = print) -> 
         runtime = Runtime.detect()
         init_process_groups(ParallelConfig(), runtime)
     except Exception as e:  # nothing else can run: reported
-        on_check(failed := _failed("devices", e))
-        return SmokeReport([failed])
+        on_check(check := failed("devices", e))
+        return SmokeReport([check])
     add(check_devices(runtime))
-    add(_attempt("collectives", partial(check_collectives, runtime)))
+    add(attempt("collectives", partial(check_collectives, runtime)))
     for check in check_kernels(runtime):
         add(check)
     clock, cfg = _StepClock(), None
     try:
         cfg = _training_config(opts)  # prepares the default dataset if needed
-        add(_attempt("training", partial(check_training, cfg, clock, opts.max_loss_ratio)))
+        add(attempt("training", partial(check_training, cfg, clock, opts.max_loss_ratio)))
     except Exception as e:  # an unusable dataset or override: reported
-        add(_failed("training", e))
+        add(failed("training", e))
     if cfg is None or checkpoint.latest_tag(cfg.train.run_dir) is None:
         for name in ("sample", "checkpoint reload", "throughput"):
             add(Check(name, SKIP, "no trained run"))
         return SmokeReport(checks)
-    add(_attempt("sample", partial(check_sample, cfg)))
-    add(_attempt("checkpoint reload", partial(check_resume, cfg)))
-    add(_attempt("throughput", partial(check_throughput, cfg, clock)))
+    add(attempt("sample", partial(check_sample, cfg)))
+    add(attempt("checkpoint reload", partial(check_resume, cfg)))
+    add(attempt("throughput", partial(check_throughput, cfg, clock)))
     return SmokeReport(checks)
-
-
-def _failed(name: str, e: Exception) -> Check:
-    log.error("%s failed", name, exc_info=e)
-    return Check(name, FAIL, f"{type(e).__name__}: {e}")
-
-
-def _attempt(name: str, check: Callable[[], Check]) -> Check:
-    """The check's result, or FAIL with the error (traceback in the log): an exception is a
-    finding here, and the next check still runs."""
-    try:
-        return check()
-    except Exception as e:
-        return _failed(name, e)
 
 
 def _agreed(check: Check, device: torch.device) -> Check:
@@ -187,131 +157,11 @@ def check_collectives(runtime: Runtime, size_bytes: int = 64 * 2**20) -> Check:
     ]):  # fmt: skip
         request.wait()
     ring_ok = bool((received == (rank - 1) % world).all())
-    _, ms = _timed(partial(dist.all_reduce, torch.ones(size_bytes // 4, device=device)), device, 5)
+    _, ms = timed(partial(dist.all_reduce, torch.ones(size_bytes // 4, device=device)), device, 5)
     bus_gb_per_s = size_bytes / ms / 1e6 * 2 * (world - 1) / world
     detail += (f", send/recv ring {'ok' if ring_ok else 'WRONG'}, {size_bytes >> 20} MiB "
                f"all_reduce {bus_gb_per_s:.1f} GB/s bus bandwidth")  # fmt: skip
     return Check("collectives", PASS if ok and ring_ok else FAIL, detail)
-
-
-def _timed(fn: Callable, device: torch.device, repeats: int) -> tuple:
-    """fn's first result and the ms per call: of the calls after the first (which compiles and
-    warms up), or with no repeats of the first one."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    start = time.perf_counter()
-    result = fn()
-    synchronize()
-    if repeats:
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        synchronize()
-    return result, (time.perf_counter() - start) / max(repeats, 1) * 1e3
-
-
-@contextlib.contextmanager
-def _kernels(backend: str) -> Iterator[None]:
-    """DLM_KERNELS=backend meanwhile (read by pretrain.kernels.backend_name)."""
-    saved = os.environ.get(KERNELS_ENV)
-    os.environ[KERNELS_ENV] = backend
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[KERNELS_ENV]
-        else:
-            os.environ[KERNELS_ENV] = saved
-
-
-def _relative(got: Tensor, ref: Tensor) -> float:
-    """The largest error of a row relative to the row's largest reference entry; a 1-D
-    tensor (per-token values) has one entry per row."""
-    got, ref = (x.double().reshape(-1, ref.shape[-1] if ref.dim() > 1 else 1) for x in (got, ref))
-    scale = ref.abs().amax(-1).clamp_min(1e-300)
-    return ((got - ref).abs().amax(-1) / scale).max().item()
-
-
-def _compare(name: str, fn: Callable, tolerances: dict[str, float], device, repeats) -> Check:
-    """The Triton kernels against the chunked twins on the same inputs; fn returns one tensor
-    per tolerance on the largest relative error (0: bit-identical)."""
-    with _kernels("triton"):
-        kernel, kernel_ms = _timed(fn, device, repeats)
-    with _kernels("chunked"):
-        twin, twin_ms = _timed(fn, device, repeats)
-    errors = [_relative(a, b) for a, b in zip(kernel, twin, strict=True)]
-    ok = all(e <= tolerance for e, tolerance in zip(errors, tolerances.values(), strict=True))
-    figures = ", ".join(
-        f"{label} {e:.1e}" if tolerance else f"{label} {'bit-identical' if e == 0 else 'DIFFERS'}"
-        for e, (label, tolerance) in zip(errors, tolerances.items(), strict=True)
-    )
-    detail = f"{figures}; triton {kernel_ms:.2f} ms, chunked {twin_ms:.2f} ms"
-    return Check(name, PASS if ok else FAIL, detail)
-
-
-def check_kernels(runtime: Runtime) -> list[Check]:
-    """Every Triton kernel against its twin: the cross-entropy and Duo losses forward and
-    backward in float32 and bf16 logits, and the noising of MDLM and Duo. A broken kernel is
-    off by O(1); the tolerances leave room for float32 in another summation order: values
-    1e-5 (the tests' bound against float64); float32 gradients 1e-3, as Duo's near t = 1e-3 is
-    a difference of terms near r p >> 1 (each backend is within 1e-4 of float64 at V = 32001);
-    bf16 gradients 1e-2, each backend's float32 rounded to bf16 (one ulp is 2^-8)."""
-    device = runtime.device
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return [Check("kernels", SKIP, "CPU without TRITON_INTERPRET=1 (set it before starting)")]
-    tokens, v, noise_shape, repeats = KERNEL_SIZES[device.type]
-    vocab = Vocab.build(v, mask_id=4, never_in_data=(3, v - 1)).to(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    checks = []
-    for dtype, grad_tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
-        logits = (torch.randn(tokens, v, generator=g, device=device) * 3).to(dtype)
-        for name in ("cross-entropy", "duo"):
-            label = f"kernel {name} {str(dtype).removeprefix('torch.')}"
-            fn = _loss_and_grad(name, logits, vocab, g)
-            tolerances = {"loss err": 1e-5, "grad err": grad_tolerance}
-            checks.append(
-                _attempt(label, partial(_compare, label, fn, tolerances, device, repeats))
-            )
-    for name, uniform_ids in (("mdlm", False), ("duo", True)):
-        x0 = _real_ids(vocab, noise_shape, g)
-        t = torch.rand(len(x0), generator=g, device=device) * 0.998 + 1e-3
-        ids = torch.randint(2**40, (len(x0),), generator=g, device=device)
-        fn = partial(_noise, x0, t, ids, vocab, uniform_ids)
-        label = f"kernel noise {name}"
-        checks.append(_attempt(label, partial(_compare, label, fn, {"xt": 0}, device, repeats)))
-    return checks
-
-
-def _real_ids(vocab: Vocab, shape, g: torch.Generator) -> Tensor:
-    return vocab.real_ids[torch.randint(vocab.num_real, shape, generator=g, device=g.device)]
-
-
-def _loss_and_grad(name: str, logits: Tensor, vocab: Vocab, g: torch.Generator) -> Callable:
-    """Inputs drawn once (Duo: t from 1e-3 to 1, xt == x0 for half the tokens); each call:
-    the per-token values and the logits gradient under random upstream weights.
-    logits [N, V] -> cross-entropy ([N] f32, [N, V]); Duo (D, x̂[x0], x̂[xt]) ([3N] f64, [N, V])"""
-    n, device = logits.shape[0], g.device
-    x0, others = _real_ids(vocab, (n,), g), _real_ids(vocab, (n,), g)
-    xt = torch.where(torch.rand(n, generator=g, device=device) < 0.5, others, x0)
-    a = alpha(torch.rand(n, generator=g, device=device, dtype=torch.float64) * 0.998 + 1e-3)
-    weights = torch.rand(3 * n, generator=g, device=device, dtype=torch.float64)
-
-    def values_of(x: Tensor) -> Tensor:
-        if name == "cross-entropy":
-            return cross_entropy(x, vocab.real, x0, all_rows(x))
-        return torch.cat(duo_statistics(x, vocab.real, x0, xt, vocab.num_real * a / (1 - a)))
-
-    def call() -> tuple[Tensor, Tensor]:
-        x = logits.detach().requires_grad_()
-        values = values_of(x)
-        (values * weights[: len(values)]).sum().backward()
-        return values.detach(), x.grad
-
-    return call
-
-
-def _noise(x0: Tensor, t: Tensor, ids: Tensor, vocab: Vocab, uniform_ids: bool) -> tuple[Tensor]:
-    """xt of MDLM (mask) or Duo (uniform ids). x0 [B, L]; t, ids [B] -> ([B, L],)"""
-    return (corrupt(x0, t, ids, 0, vocab, uniform_ids),)
 
 
 class _StepClock(logging.Handler):
