@@ -204,9 +204,17 @@ SRUN_TASK = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SL
              "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}  # fmt: skip
 
 
-def test_environment_from_slurm(monkeypatch):
+def _unset_launcher_variables(monkeypatch) -> None:
+    """Remove what environment_from_slurm writes, so that monkeypatch restores it afterwards
+    (a bare delenv of an absent key records nothing, and the RANK=5 written here would leak
+    into every later test of the session)."""
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
+def test_environment_from_slurm(monkeypatch):
+    _unset_launcher_variables(monkeypatch)
     for key, value in SRUN_TASK.items():
         monkeypatch.setenv(key, value)
     environment_from_slurm()
@@ -224,8 +232,7 @@ def test_environment_from_slurm_leaves_launched_and_batch_processes_alone(monkey
     """A launcher's WORLD_SIZE wins; a batch script's own process (no SLURM_STEP_ID, while
     SLURM_NTASKS counts the tasks it may start) stays one process instead of waiting for
     peers that never come."""
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+    _unset_launcher_variables(monkeypatch)
     for key, value in SRUN_TASK.items():
         monkeypatch.setenv(key, value)
     if case == "launcher":
