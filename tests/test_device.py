@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from distributed import run_distributed
 from fake_device import BACKEND, DEVICE, fake_accelerator
@@ -22,6 +23,8 @@ from launch.train import flops_fn
 from parallel.groups import Runtime
 from pretrain import trainer
 from pretrain.config import load_config
+
+pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 
 FAKE = Runtime(DEVICE, torch.float32, BACKEND)
 

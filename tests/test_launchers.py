@@ -20,6 +20,8 @@ from test_train import ONE_THREAD, _launch, _overrides, _torchrun, _wait_for_ste
 from launch.cli import main
 from parallel.groups import environment_from_slurm, expand_nodelist
 
+pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
+
 # Long enough never to finish: the runs below end by a signal.
 UNFINISHED = ("train.steps=1000", "train.checkpoint_every=1000", "train.val_every=1000")
 

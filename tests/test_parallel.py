@@ -25,6 +25,8 @@ from pretrain import trainer
 from pretrain.config import load_config
 from pretrain.objectives import OBJECTIVES
 
+pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
+
 STEPS = 10
 # adaLN-Zero: the head and every gate start at zero, so step 1 has non-zero gradients only in
 # the head, step 2 also in the modulations, and step 3 in every parameter.

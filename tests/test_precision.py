@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from test_parallel import _capture_gradients
 from test_train import _losses, _overrides, _train
@@ -13,6 +14,8 @@ from test_train import _losses, _overrides, _train
 from launch.train import flops_fn
 from pretrain import trainer
 from pretrain.config import load_config
+
+pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 
 BF16_ROUNDING = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 

@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
 
 from data_pipeline import TrainLoader, open_dataset
+
+pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 
 TP_SIZE = 2
 MICRO = 8

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from launch.smoke import main
+
+pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 
 CHECKS = ["devices", "collectives", "kernel cross-entropy float32", "kernel duo float32",
           "kernel cross-entropy bfloat16", "kernel duo bfloat16", "kernel noise mdlm",

@@ -20,6 +20,8 @@ from parallel.config import ModelConfig, ParallelConfig
 from parallel.groups import Runtime, init_process_groups
 from parallel.model import build_pipeline
 
+pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
+
 V, L, B = 128, 16, 2
 
 

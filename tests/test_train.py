@@ -21,6 +21,8 @@ from pretrain.config import SamplingConfig, load_config
 from pretrain.run_sampling import sample_run
 from pretrain.trainer import run
 
+pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
+
 BASE = ["model.size=tiny", "train.log_every=5", "train.val_sequences=32", "train.num_samples=1",
         "train.sample_steps=8", "optim.min_warmup_steps=5", "optim.lr=3e-3"]  # fmt: skip
 
