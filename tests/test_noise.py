@@ -7,7 +7,7 @@ import torch
 
 from pretrain.kernels import KERNELS_ENV
 from pretrain.objectives import OBJECTIVES, duo, mdlm
-from pretrain.objectives.randomness import philox4x32
+from pretrain.objectives.randomness import philox4x32, philox_key, row_keys
 from pretrain.objectives.schedule import EPS, alpha, sample_t
 from pretrain.objectives.vocab import Vocab
 
@@ -79,6 +79,17 @@ def test_philox_known_answer():
     """Philox4x32-10 known-answer vector (Random123: key and counter all zero)."""
     words = philox4x32(torch.tensor([0]), torch.tensor([0]))
     assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_row_keys_on_tensors_equal_the_integer_definition():
+    """row_keys mixes on the ids' device with wrapping int64 arithmetic; it must give the
+    bits of philox_key's uint64 arithmetic, for ids near both ends of the int64 range."""
+    g = torch.Generator().manual_seed(11)
+    ids = torch.cat([torch.randint(0, 2**62, (64,), generator=g), torch.tensor([0, 2**63 - 1])])
+    for seed, stream in [(0, 1), (1234, 2), (2**64 - 1, 3)]:
+        expected = [philox_key(seed, stream, i) for i in ids.tolist()]
+        got = [k % 2**64 for k in row_keys(seed, stream, ids).tolist()]
+        assert got == expected
 
 
 @pytest.mark.parametrize("name", ["mdlm", "duo"])

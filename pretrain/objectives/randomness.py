@@ -47,9 +47,15 @@ def _mix64_tensor(x: Tensor) -> Tensor:
     return x ^ _shift_right(x, 31)
 
 
+def _stream_prefix(seed: int, stream: int) -> int:
+    """What every key of (seed, stream) shares, mixed once on the host."""
+    return _mix64(_mix64(seed & 0xFFFFFFFFFFFFFFFF) ^ stream)
+
+
 def philox_key(seed: int, stream: int, key: int) -> int:
-    """The 64-bit Philox key of (seed, stream, key), e.g. key = a global sample index."""
-    return _mix64(_mix64(_mix64(seed & 0xFFFFFFFFFFFFFFFF) ^ stream) ^ (key & 0xFFFFFFFFFFFFFFFF))
+    """The 64-bit Philox key of (seed, stream, key), e.g. key = a global sample index: the
+    integer definition that row_keys computes on tensors."""
+    return _mix64(_stream_prefix(seed, stream) ^ (key & 0xFFFFFFFFFFFFFFFF))
 
 
 def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,5 +98,4 @@ def below(word: Tensor, n: Tensor | int) -> Tensor:
 def row_keys(seed: int, stream: int, ids: Tensor) -> Tensor:
     """Philox key per row, philox_key(seed, stream, id) as int64, computed on ids' device (no
     host round trip in the training step). ids int64 [B] (global sample indices) -> [B]"""
-    prefix = _signed(_mix64(_mix64(seed & 0xFFFFFFFFFFFFFFFF) ^ stream))
-    return _mix64_tensor(ids.long() ^ prefix)
+    return _mix64_tensor(ids.long() ^ _signed(_stream_prefix(seed, stream)))
