@@ -16,15 +16,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from data_pipeline import PrepareConfig, prepare_dataset, verify_dataset
-from data_pipeline.manifest import MANIFEST_FILE
 from dlm_errors import DlmError
 from launch.launcher import deepspeed_command, hostfile_slots, run_deepspeed, world_size
-from launch.train import add_run_arguments, configure_logging, flops_fn, load_run_config
+from launch.train import (
+    DEFAULT_DATA,
+    add_run_arguments,
+    configure_logging,
+    flops_fn,
+    load_run_config,
+    needs_default_data,
+)
 from pretrain.config import SamplingConfig
 from pretrain.tracking import default_tracking_uri
-
-# The embedded default dataset `dlm train` prepares on first use.
-DEFAULT_DATA = PrepareConfig(out="data/stdlib", seq_len=256)
 
 log = logging.getLogger("dlm")
 
@@ -166,7 +169,7 @@ def _run_train(args: argparse.Namespace) -> int:
     slots = hostfile_slots(args.hostfile) if args.hostfile else None
     world = world_size(slots, args.nproc)
     cfg.check_world_size(world)
-    if cfg.data.path == DEFAULT_DATA.out and not (Path(cfg.data.path) / MANIFEST_FILE).is_file():
+    if needs_default_data(cfg.data.path):
         print(f"preparing the embedded default dataset in {DEFAULT_DATA.out} (once)")
         prepare_dataset(DEFAULT_DATA)
     if world > 1 or slots:

@@ -35,12 +35,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline import PrepareConfig, open_dataset, prepare_dataset
-from data_pipeline.manifest import MANIFEST_FILE
+from data_pipeline import open_dataset, prepare_dataset
 from dlm_errors import ConfigError
 from launch.smoke_check import FAIL, PASS, SKIP, STATUSES, Check, attempt, failed, timed
 from launch.smoke_kernels import check_kernels
-from launch.train import flops_fn
+from launch.train import DEFAULT_DATA, flops_fn, needs_default_data
 from parallel.config import ParallelConfig
 from parallel.groups import Runtime, init_process_groups
 from pretrain import checkpoint
@@ -50,7 +49,6 @@ from pretrain.run_sampling import sample_run
 from pretrain.trainer import model_spec, run
 
 log = logging.getLogger(__name__)
-DEFAULT_DATA = PrepareConfig(out="data/stdlib", seq_len=256)  # the default preset's dataset
 STEP_LINE = re.compile(r"step\s+(\d+)/\d+ \|")  # the start of pretrain.metrics.step_line
 
 
@@ -197,7 +195,7 @@ def _dataset(data: str) -> str:
     """--data, else the embedded corpus in data/stdlib, prepared once as `dlm train` does."""
     if data:
         return data
-    if not (Path(DEFAULT_DATA.out) / MANIFEST_FILE).is_file():
+    if needs_default_data(DEFAULT_DATA.out):
         if dist.get_rank() == 0:
             prepare_dataset(DEFAULT_DATA)
         dist.barrier()

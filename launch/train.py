@@ -18,14 +18,25 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch.distributed as dist
 
+from data_pipeline import PrepareConfig
+from data_pipeline.manifest import MANIFEST_FILE
 from dlm_errors import DlmError
 from launch.flops import training_flops_per_sequence
 from parallel.config import ModelConfig
 from parallel.groups import environment_from_slurm
 from pretrain.config import RunConfig, load_config
+
+# The embedded default dataset (the default preset's data.path), prepared on first use.
+DEFAULT_DATA = PrepareConfig(out="data/stdlib", seq_len=256)
+
+
+def needs_default_data(data_path: str) -> bool:
+    """Whether `data_path` is the embedded default dataset and is not prepared yet."""
+    return data_path == DEFAULT_DATA.out and not (Path(data_path) / MANIFEST_FILE).is_file()
 
 
 class _RankZeroOnly(logging.Filter):
