@@ -44,7 +44,7 @@ from parallel.config import ParallelConfig
 from parallel.groups import Runtime, init_process_groups
 from pretrain import checkpoint
 from pretrain.config import RunConfig, SamplingConfig, load_config
-from pretrain.metrics import device_peak_flops
+from pretrain.metrics import device_peak_flops, throughput
 from pretrain.run_sampling import sample_run
 from pretrain.trainer import model_spec, run
 
@@ -261,12 +261,13 @@ def check_throughput(cfg: RunConfig, clock: _StepClock) -> Check:
     (first_step, start), (last_step, end) = clock.marks[0], clock.marks[-1]
     manifest = open_dataset(cfg.data.path)
     model_cfg, _ = model_spec(cfg, manifest)
-    sequences_per_s = (last_step - first_step) * cfg.train.global_batch / (end - start)
-    per_device = sequences_per_s * flops_fn(cfg)(model_cfg) / dist.get_world_size()
-    mfu = per_device / device_peak_flops(cfg.train.peak_flops)
-    tokens_per_s = sequences_per_s * manifest.seq_len
-    detail = (f"{tokens_per_s:,.0f} tok/s over steps {first_step}-{last_step}, "
-              f"{per_device / 1e12:.3f} TFLOP/s per device, MFU {100 * mfu:.1f}%")  # fmt: skip
+    speed = throughput(
+        (last_step - first_step) * cfg.train.global_batch, end - start, manifest.seq_len,
+        flops_fn(cfg)(model_cfg), dist.get_world_size(), device_peak_flops(cfg.train.peak_flops),
+    )  # fmt: skip
+    detail = (f"{speed.tokens_per_s:,.0f} tok/s over steps {first_step}-{last_step}, "
+              f"{speed.flops_per_s_per_device / 1e12:.3f} TFLOP/s per device, "
+              f"MFU {100 * speed.mfu:.1f}%")  # fmt: skip
     return Check("throughput", PASS, detail)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,24 @@ def device_peak_flops(configured: float) -> float:
     for _ in range(3):
         a @ b
     return 3 * 2 * n**3 / (time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    tokens_per_s: float
+    flops_per_s_per_device: float
+    mfu: float  # model FLOPs utilisation: achieved / peak FLOP/s per device
+
+
+def throughput(
+    sequences: float, seconds: float, seq_len: int, flops_per_sequence: float, devices: int,
+    peak_flops: float,
+) -> Throughput:  # fmt: skip
+    """Training speed of `sequences` in `seconds` over `devices` (the step line's and the
+    smoke check's figures, one definition)."""
+    sequences_per_s = sequences / seconds
+    per_device = sequences_per_s * flops_per_sequence / devices
+    return Throughput(sequences_per_s * seq_len, per_device, per_device / peak_flops)
 
 
 def _duration(seconds: float) -> str:

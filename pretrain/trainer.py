@@ -27,7 +27,7 @@ from parallel.stages import forward_through_stages
 from pretrain import checkpoint
 from pretrain.config import RunConfig, SamplingConfig
 from pretrain.engine import build_engine
-from pretrain.metrics import device_peak_flops, step_line
+from pretrain.metrics import device_peak_flops, step_line, throughput
 from pretrain.objectives import OBJECTIVES
 from pretrain.objectives.schedule import sample_t
 from pretrain.objectives.vocab import Vocab
@@ -320,19 +320,20 @@ def _record_step(r: _Run, state, loss: float, grad_norm: float, bad_in_a_row: in
 def _log_step(r: _Run, state, loss: float, grad_norm: float, clock: tuple[float, int]) -> None:
     start, start_step = clock
     elapsed = time.perf_counter() - start
-    sequences_per_s = (state.step - start_step) * r.cfg.train.global_batch / elapsed
-    per_device = sequences_per_s * r.flops_per_seq / dist.get_world_size()
+    speed = throughput(
+        (state.step - start_step) * r.cfg.train.global_batch, elapsed, r.manifest.seq_len,
+        r.flops_per_seq, dist.get_world_size(), r.peak_flops,
+    )  # fmt: skip
     lr = r.engine.get_lr()[0]
     tokens_seen = state.consumed_samples * r.manifest.seq_len
-    tokens_per_s = sequences_per_s * r.manifest.seq_len
     log.info(step_line(
         step=state.step, total=r.total_steps, tokens=tokens_seen, flops=state.flops, loss=loss,
-        lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s, flops_per_s_per_device=per_device,
-        mfu=per_device / r.peak_flops, elapsed_s=elapsed,
+        lr=lr, grad_norm=grad_norm, tokens_per_s=speed.tokens_per_s,
+        flops_per_s_per_device=speed.flops_per_s_per_device, mfu=speed.mfu, elapsed_s=elapsed,
     ))  # fmt: skip
     r.tracker.log_metrics(
         {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-         "train/tokens_per_s": tokens_per_s, "train/tokens": tokens_seen,
+         "train/tokens_per_s": speed.tokens_per_s, "train/tokens": tokens_seen,
          "train/flops": state.flops, "train/skipped_steps": state.skipped_steps},
         state.step,
     )  # fmt: skip
