@@ -16,9 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_pipeline import PrepareConfig, Tokenizer, TrainLoader, open_dataset, prepare_dataset
-from data_pipeline.corpus import default_corpus_files, list_slices
-from data_pipeline.prepare import tokenize_corpus
+from dlm_pretrain.data_pipeline import (
+    PrepareConfig,
+    Tokenizer,
+    TrainLoader,
+    open_dataset,
+    prepare_dataset,
+)
+from dlm_pretrain.data_pipeline.corpus import default_corpus_files, list_slices
+from dlm_pretrain.data_pipeline.prepare import tokenize_corpus
 
 
 def time_prepare(out: Path, tokenizer: str | None, workers: int, seq_len: int) -> tuple[float, int]:

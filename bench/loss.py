@@ -18,10 +18,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-from pretrain.objectives import duo, mdlm
-from pretrain.objectives.schedule import alpha
-from pretrain.objectives.vocab import Vocab
+from dlm_pretrain.pretrain.objectives import duo, mdlm
+from dlm_pretrain.pretrain.objectives.schedule import alpha
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
 SEQUENCES = 8  # the tokens are 8 sequences
 

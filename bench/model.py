@@ -13,14 +13,13 @@ import argparse
 import time
 
 import torch
-
-from launch.flops import training_flops_per_sequence
-from parallel.config import ModelConfig, ParallelConfig, parameter_count
-from parallel.groups import Runtime, init_process_groups
-from parallel.model import build_pipeline
-from pretrain.objectives import mdlm
-from pretrain.objectives.schedule import sample_t
-from pretrain.objectives.vocab import Vocab
+from dlm_pretrain.launch.flops import training_flops_per_sequence
+from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig, parameter_count
+from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+from dlm_pretrain.parallel.model import build_pipeline
+from dlm_pretrain.pretrain.objectives import mdlm
+from dlm_pretrain.pretrain.objectives.schedule import sample_t
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
 
 def _best_seconds(fn, repeats: int) -> float:

@@ -9,12 +9,12 @@ Public API:
     Tokenizer.load(path)                               sentencepiece + mask id
 """
 
-from data_pipeline.config import DataConfig, PrepareConfig
-from data_pipeline.manifest import Manifest, open_dataset
-from data_pipeline.prepare import prepare_dataset
-from data_pipeline.reader import Batch, TrainLoader, validation_batches
-from data_pipeline.shards import verify_dataset
-from data_pipeline.tokenizer import Tokenizer
+from dlm_pretrain.data_pipeline.config import DataConfig, PrepareConfig
+from dlm_pretrain.data_pipeline.manifest import Manifest, open_dataset
+from dlm_pretrain.data_pipeline.prepare import prepare_dataset
+from dlm_pretrain.data_pipeline.reader import Batch, TrainLoader, validation_batches
+from dlm_pretrain.data_pipeline.shards import verify_dataset
+from dlm_pretrain.data_pipeline.tokenizer import Tokenizer
 
 __all__ = [
     "Batch",

@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-from dlm_errors import DataError
+from dlm_pretrain.dlm_errors import DataError
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"

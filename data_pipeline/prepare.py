@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from data_pipeline.config import PrepareConfig
-from data_pipeline.corpus import (
+from dlm_pretrain.data_pipeline.config import PrepareConfig
+from dlm_pretrain.data_pipeline.corpus import (
     ReadCounts,
     Slice,
     default_corpus_files,
@@ -25,7 +24,7 @@ from data_pipeline.corpus import (
     read_documents,
     resolve_corpus,
 )
-from data_pipeline.manifest import (
+from dlm_pretrain.data_pipeline.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     SPLITS,
@@ -35,11 +34,11 @@ from data_pipeline.manifest import (
     token_dtype,
     write_atomic,
 )
-from data_pipeline.packing import Packer
-from data_pipeline.progress import Progress
-from data_pipeline.shards import ShardWriter
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from dlm_errors import DataError
+from dlm_pretrain.data_pipeline.packing import Packer
+from dlm_pretrain.data_pipeline.progress import Progress
+from dlm_pretrain.data_pipeline.shards import ShardWriter
+from dlm_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from dlm_pretrain.dlm_errors import DataError
 
 log = logging.getLogger(__name__)
 

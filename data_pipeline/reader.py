@@ -21,12 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dlm_pretrain.data_pipeline.manifest import Manifest
+from dlm_pretrain.data_pipeline.order import (
+    EpochOrder,
+    Interval,
+    drop_prefix,
+    merge,
+    plan_size,
+    split_even,
+)
+from dlm_pretrain.data_pipeline.shards import read_shard
+from dlm_pretrain.dlm_errors import DataError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-from data_pipeline.manifest import Manifest
-from data_pipeline.order import EpochOrder, Interval, drop_prefix, merge, plan_size, split_even
-from data_pipeline.shards import read_shard
-from dlm_errors import DataError
 
 STATE_VERSION = 1
 

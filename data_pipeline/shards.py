@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from dlm_pretrain.data_pipeline.manifest import Manifest, ShardInfo, load_manifest
+from dlm_pretrain.dlm_errors import DataError
 from webdataset.tariterators import group_by_keys, tar_file_expander
-
-from data_pipeline.manifest import Manifest, ShardInfo, load_manifest
-from dlm_errors import DataError
 
 TOKENS = "tokens.bin"
 DOC_STARTS = "doc_starts.bin"

@@ -15,10 +15,15 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from data_pipeline import PrepareConfig, prepare_dataset, verify_dataset
-from dlm_errors import DlmError
-from launch.launcher import deepspeed_command, hostfile_slots, run_deepspeed, world_size
-from launch.train import (
+from dlm_pretrain.data_pipeline import PrepareConfig, prepare_dataset, verify_dataset
+from dlm_pretrain.dlm_errors import DlmError
+from dlm_pretrain.launch.launcher import (
+    deepspeed_command,
+    hostfile_slots,
+    run_deepspeed,
+    world_size,
+)
+from dlm_pretrain.launch.train import (
     DEFAULT_DATA,
     add_run_arguments,
     configure_logging,
@@ -26,8 +31,8 @@ from launch.train import (
     load_run_config,
     needs_default_data,
 )
-from pretrain.config import SamplingConfig
-from pretrain.tracking import default_tracking_uri
+from dlm_pretrain.pretrain.config import SamplingConfig
+from dlm_pretrain.pretrain.tracking import default_tracking_uri
 
 log = logging.getLogger("dlm")
 
@@ -181,7 +186,7 @@ def _run_train(args: argparse.Namespace) -> int:
             return code
         run_dir = Path(cfg.train.run_dir)
     else:
-        from pretrain.trainer import run  # deepspeed, megatron-core: seconds to import
+        from dlm_pretrain.pretrain.trainer import run  # deepspeed, megatron-core: seconds to import
 
         run_dir = run(cfg, flops_fn(cfg))
     uri = cfg.tracking.uri or default_tracking_uri(run_dir)
@@ -192,7 +197,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from pretrain.run_sampling import sample_run  # deepspeed, megatron-core
+    from dlm_pretrain.pretrain.run_sampling import sample_run  # deepspeed, megatron-core
 
     result = sample_run(args.run_dir, _config(args))
     for i, text in enumerate(result.texts):
@@ -202,7 +207,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _run_smoke(args: argparse.Namespace) -> int:
-    from launch.smoke import main as smoke  # deepspeed, megatron-core, triton
+    from dlm_pretrain.launch.smoke import main as smoke  # deepspeed, megatron-core, triton
 
     return smoke(args.smoke_args)
 

@@ -11,8 +11,8 @@ Training FLOPs = 3 x forward (the backward counted as twice the forward).
 
 from __future__ import annotations
 
-from parallel.config import TIME_FEATURES, ModelConfig
-from pretrain.objectives import OBJECTIVES
+from dlm_pretrain.parallel.config import TIME_FEATURES, ModelConfig
+from dlm_pretrain.pretrain.objectives import OBJECTIVES
 
 CONVENTIONS = ("exact", "reference")
 

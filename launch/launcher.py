@@ -22,8 +22,7 @@ import subprocess
 from pathlib import Path
 
 import psutil
-
-from dlm_errors import ConfigError
+from dlm_pretrain.dlm_errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def deepspeed_command(
         command += ["--no_ssh_check", "--master_addr", "127.0.0.1"] if hosts == 1 else []
     if nproc is not None or not hostfile:
         command += ["--num_gpus", str(nproc or 1)]
-    return [*command, "--module", "launch.train", preset, *overrides]
+    return [*command, "--module", "dlm_pretrain.launch.train", preset, *overrides]
 
 
 def run_deepspeed(command: list[str], hosts: int) -> int:
@@ -147,13 +146,13 @@ def _ask_workers_to_stop(runner_pid: int, signalled: set[int]) -> set[int]:
 
 
 def _workers(runner_pid: int) -> set[int]:
-    """The processes under the runner that run `-m launch.train`, less the data loader
+    """The processes under the runner that run `-m dlm_pretrain.launch.train`, less the data loader
     workers forked from them (same command line, a worker as parent)."""
     train = {}  # pid -> parent pid
     try:
         for proc in psutil.Process(runner_pid).children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess):
-                if ("-m", "launch.train") in itertools.pairwise(proc.cmdline()):
+                if ("-m", "dlm_pretrain.launch.train") in itertools.pairwise(proc.cmdline()):
                     train[proc.pid] = proc.ppid()
     except psutil.NoSuchProcess:  # the runner has just exited
         return set()

@@ -1,7 +1,7 @@
 """The check to run first on a new machine or cluster, one command, a few minutes:
 
-    python -m launch.smoke [--out DIR] [--steps 30] [--size SIZE] [--data DIR] [k=v ...]
-    torchrun --nproc-per-node N -m launch.smoke ...      (several GPUs: every rank checks)
+    python -m dlm_pretrain.launch.smoke [--out DIR] [--steps 30] [--size SIZE] [--data DIR] [k=v]
+    torchrun --nproc-per-node N -m dlm_pretrain.launch.smoke ...   (several GPUs: every rank checks)
 
 Devices and collectives, every Triton kernel against its PyTorch twin in float32 and bf16,
 a short bf16 training run whose loss must fall, a sample, a resume from the checkpoint, then
@@ -34,19 +34,27 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from data_pipeline import open_dataset, prepare_dataset
-from dlm_errors import ConfigError
-from launch.smoke_check import FAIL, PASS, SKIP, STATUSES, Check, attempt, failed, timed
-from launch.smoke_kernels import check_kernels
-from launch.train import DEFAULT_DATA, flops_fn, needs_default_data
-from parallel.config import ParallelConfig
-from parallel.groups import Runtime, init_process_groups
-from pretrain import checkpoint
-from pretrain.config import RunConfig, SamplingConfig, load_config
-from pretrain.metrics import device_peak_flops, throughput
-from pretrain.run_sampling import sample_run
-from pretrain.trainer import model_spec, run
+from dlm_pretrain.data_pipeline import open_dataset, prepare_dataset
+from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.launch.smoke_check import (
+    FAIL,
+    PASS,
+    SKIP,
+    STATUSES,
+    Check,
+    attempt,
+    failed,
+    timed,
+)
+from dlm_pretrain.launch.smoke_kernels import check_kernels
+from dlm_pretrain.launch.train import DEFAULT_DATA, flops_fn, needs_default_data
+from dlm_pretrain.parallel.config import ParallelConfig
+from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+from dlm_pretrain.pretrain import checkpoint
+from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig, load_config
+from dlm_pretrain.pretrain.metrics import device_peak_flops, throughput
+from dlm_pretrain.pretrain.run_sampling import sample_run
+from dlm_pretrain.pretrain.trainer import model_spec, run
 
 log = logging.getLogger(__name__)
 STEP_LINE = re.compile(r"step\s+(\d+)/\d+ \|")  # the start of pretrain.metrics.step_line
@@ -213,7 +221,7 @@ def check_training(cfg: RunConfig, clock: _StepClock, max_loss_ratio: float) -> 
     if dist.get_rank() == 0 and run_dir.exists():
         shutil.rmtree(run_dir)
     dist.barrier()
-    trainer_log = logging.getLogger("pretrain.trainer")
+    trainer_log = logging.getLogger("dlm_pretrain.pretrain.trainer")
     level = trainer_log.level
     trainer_log.setLevel(logging.INFO)  # the step lines, whatever the caller's logging
     trainer_log.addHandler(clock)
@@ -273,7 +281,7 @@ def check_throughput(cfg: RunConfig, clock: _StepClock) -> Check:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="launch.smoke",
+        prog="dlm_pretrain.launch.smoke",
         description="Devices, collectives, Triton kernels, training, sample, resume, MFU.",
     )
     parser.add_argument("--out", default="runs/smoke", help="run directory and log (OUT/run)")

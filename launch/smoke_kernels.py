@@ -13,15 +13,14 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
+from dlm_pretrain.launch.smoke_check import FAIL, PASS, SKIP, Check, attempt, timed
+from dlm_pretrain.parallel.groups import Runtime
+from dlm_pretrain.pretrain.kernels import KERNELS_ENV
+from dlm_pretrain.pretrain.kernels.losses import all_rows, cross_entropy, duo_statistics
+from dlm_pretrain.pretrain.objectives.corruption import corrupt
+from dlm_pretrain.pretrain.objectives.schedule import alpha
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
-
-from launch.smoke_check import FAIL, PASS, SKIP, Check, attempt, timed
-from parallel.groups import Runtime
-from pretrain.kernels import KERNELS_ENV
-from pretrain.kernels.losses import all_rows, cross_entropy, duo_statistics
-from pretrain.objectives.corruption import corrupt
-from pretrain.objectives.schedule import alpha
-from pretrain.objectives.vocab import Vocab
 
 # Kernel inputs: tokens, vocabulary (Llama's with the mask on GPU; on CPU, for interpreted
 # Triton, small with ragged last blocks), noised [B, L], timed calls after the first (CPU:

@@ -1,9 +1,9 @@
 """The training entry point every launcher starts:
 
-    deepspeed --num_gpus N --module launch.train [PRESET] [section.key=value ...]
-    torchrun --nproc-per-node N -m launch.train [PRESET] [section.key=value ...]
-    srun python -m launch.train [PRESET] [section.key=value ...]     (one task per rank)
-    python -m launch.train [PRESET] [section.key=value ...]          (one process)
+    deepspeed --num_gpus N --module dlm_pretrain.launch.train [PRESET] [section.key=value ...]
+    torchrun --nproc-per-node N -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]
+    srun python -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]   (a task per rank)
+    python -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]        (one process)
 
 It lives in launch/ because it joins the FLOPs accounting (launch.flops) to the loop
 (pretrain.trainer), which must not import upward.
@@ -21,14 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch.distributed as dist
-
-from data_pipeline import PrepareConfig
-from data_pipeline.manifest import MANIFEST_FILE
-from dlm_errors import DlmError
-from launch.flops import training_flops_per_sequence
-from parallel.config import ModelConfig
-from parallel.groups import environment_from_slurm
-from pretrain.config import RunConfig, load_config
+from dlm_pretrain.data_pipeline import PrepareConfig
+from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE
+from dlm_pretrain.dlm_errors import DlmError
+from dlm_pretrain.launch.flops import training_flops_per_sequence
+from dlm_pretrain.parallel.config import ModelConfig
+from dlm_pretrain.parallel.groups import environment_from_slurm
+from dlm_pretrain.pretrain.config import RunConfig, load_config
 
 # The embedded default dataset (the default preset's data.path), prepared on first use.
 DEFAULT_DATA = PrepareConfig(out="data/stdlib", seq_len=256)
@@ -90,13 +89,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch.train", description="One training run.")
+    parser = argparse.ArgumentParser(
+        prog="dlm_pretrain.launch.train", description="One training run."
+    )
     add_run_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     environment_from_slurm()  # srun without a launcher; before the GPU is picked
     configure_logging()
-    from pretrain.trainer import run  # deepspeed and megatron-core: seconds to import
+    from dlm_pretrain.pretrain.trainer import run  # deepspeed and megatron-core: seconds to import
 
     try:
         cfg = load_run_config(args.preset, args.overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlm_errors import ConfigError
+from dlm_pretrain.dlm_errors import ConfigError
 
 COND_DIM = 128  # every size of the paper conditions adaLN through a 128-wide time embedding
 TIME_FEATURES = 256  # sinusoidal features of the scalar s (128 frequencies x cos, sin)

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.parallel.config import ParallelConfig
 from torch.distributed import ProcessGroup
-
-from dlm_errors import ConfigError
-from parallel.config import ParallelConfig
 
 # srun's tasks meet on a port derived from the job id, below Linux's ephemeral range
 # (32768-60999) so that no outgoing connection holds it.
@@ -25,8 +24,8 @@ SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
 
 
 def environment_from_slurm() -> None:
-    """`srun python -m launch.train ...` starts every rank itself, with no launcher to set
-    torch's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT: derive them from the
+    """`srun python -m dlm_pretrain.launch.train ...` starts every rank itself, with no launcher to
+    set torch's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT: derive them from the
     task's SLURM variables (the rendezvous is the job's first host). Called once at process
     start, before Runtime.detect picks the GPU by LOCAL_RANK. Nothing changes when a
     launcher has set WORLD_SIZE, or outside an srun step (SLURM_STEP_ID unset: a batch

@@ -22,13 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule
+from dlm_pretrain.parallel.config import TIME_FEATURES, ModelConfig
+from dlm_pretrain.parallel.groups import ProcessGroups
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-
-from parallel.config import TIME_FEATURES, ModelConfig
-from parallel.groups import ProcessGroups
 
 LN_EPS = 1e-5
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from dlm_pretrain.parallel.config import ModelConfig
+from dlm_pretrain.parallel.groups import ProcessGroups
 from torch import Tensor
 from torch.nn import Module
-
-from parallel.config import ModelConfig
-from parallel.groups import ProcessGroups
 
 
 def _neighbour(groups: ProcessGroups, offset: int) -> int:

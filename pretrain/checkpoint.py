@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from dlm_pretrain.data_pipeline.manifest import write_atomic
+from dlm_pretrain.dlm_errors import CheckpointError
 from megatron.core import parallel_state
-
-from data_pipeline.manifest import write_atomic
-from dlm_errors import CheckpointError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
-from data_pipeline.config import DataConfig
-from dlm_errors import ConfigError
-from parallel.config import SIZES, ParallelConfig
-from pretrain.objectives import OBJECTIVES
-from pretrain.objectives.mdlm import LOSS_TYPES
+from dlm_pretrain.data_pipeline.config import DataConfig
+from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.parallel.config import SIZES, ParallelConfig
+from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives.mdlm import LOSS_TYPES
 
 PRESETS = Path(__file__).parent / "presets"
 

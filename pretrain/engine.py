@@ -12,10 +12,9 @@ import math
 
 import deepspeed
 import torch
+from dlm_pretrain.parallel.groups import ProcessGroups
+from dlm_pretrain.pretrain.config import OptimConfig, TrainConfig
 from torch.optim.lr_scheduler import LambdaLR
-
-from parallel.groups import ProcessGroups
-from pretrain.config import OptimConfig, TrainConfig
 
 
 def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:

@@ -6,17 +6,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline import Tokenizer, open_dataset
-from data_pipeline.manifest import TOKENIZER_FILE
-from dlm_errors import CheckpointError
-from parallel.config import ParallelConfig
-from parallel.groups import Runtime, init_process_groups
-from parallel.model import build_pipeline
-from pretrain import checkpoint
-from pretrain.config import SamplingConfig, load_config
-from pretrain.objectives import OBJECTIVES
-from pretrain.sampling import generate
-from pretrain.trainer import model_spec
+from dlm_pretrain.data_pipeline import Tokenizer, open_dataset
+from dlm_pretrain.data_pipeline.manifest import TOKENIZER_FILE
+from dlm_pretrain.dlm_errors import CheckpointError
+from dlm_pretrain.parallel.config import ParallelConfig
+from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+from dlm_pretrain.parallel.model import build_pipeline
+from dlm_pretrain.pretrain import checkpoint
+from dlm_pretrain.pretrain.config import SamplingConfig, load_config
+from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.sampling import generate
+from dlm_pretrain.pretrain.trainer import model_spec
 
 
 @dataclass(frozen=True)

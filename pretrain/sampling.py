@@ -15,12 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from dlm_pretrain.parallel.model import KVCache
+from dlm_pretrain.pretrain.config import SamplingConfig
+from dlm_pretrain.pretrain.objectives.schedule import alpha, sigma
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor, nn
-
-from parallel.model import KVCache
-from pretrain.config import SamplingConfig
-from pretrain.objectives.schedule import alpha, sigma
-from pretrain.objectives.vocab import Vocab
 
 T_MIN = 1e-5  # the reverse process runs from t = 1 down to here (§9)
 

@@ -16,23 +16,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-
-from data_pipeline import Tokenizer, TrainLoader, open_dataset, validation_batches
-from data_pipeline.manifest import TOKENIZER_FILE, Manifest
-from dlm_errors import ConfigError, DlmError
-from parallel.config import ModelConfig
-from parallel.groups import ProcessGroups, Runtime, init_process_groups
-from parallel.model import build_pipeline
-from parallel.stages import forward_through_stages
-from pretrain import checkpoint
-from pretrain.config import RunConfig, SamplingConfig
-from pretrain.engine import build_engine
-from pretrain.metrics import device_peak_flops, step_line, throughput
-from pretrain.objectives import OBJECTIVES
-from pretrain.objectives.schedule import sample_t
-from pretrain.objectives.vocab import Vocab
-from pretrain.sampling import generate
-from pretrain.tracking import Tracker, default_tracking_uri, plot_losses
+from dlm_pretrain.data_pipeline import Tokenizer, TrainLoader, open_dataset, validation_batches
+from dlm_pretrain.data_pipeline.manifest import TOKENIZER_FILE, Manifest
+from dlm_pretrain.dlm_errors import ConfigError, DlmError
+from dlm_pretrain.parallel.config import ModelConfig
+from dlm_pretrain.parallel.groups import ProcessGroups, Runtime, init_process_groups
+from dlm_pretrain.parallel.model import build_pipeline
+from dlm_pretrain.parallel.stages import forward_through_stages
+from dlm_pretrain.pretrain import checkpoint
+from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig
+from dlm_pretrain.pretrain.engine import build_engine
+from dlm_pretrain.pretrain.metrics import device_peak_flops, step_line, throughput
+from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives.schedule import sample_t
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
+from dlm_pretrain.pretrain.sampling import generate
+from dlm_pretrain.pretrain.tracking import Tracker, default_tracking_uri, plot_losses
 
 log = logging.getLogger(__name__)
 VALIDATION_SEED_OFFSET = 1_000_003  # validation noise uses its own seed

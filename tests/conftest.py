@@ -12,8 +12,7 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-
-from data_pipeline import PrepareConfig, prepare_dataset
+from dlm_pretrain.data_pipeline import PrepareConfig, prepare_dataset
 
 WORDS = tuple(
     "the a model token diffusion mask noise loss train data shard epoch rank batch step sample "

@@ -13,10 +13,15 @@ from pathlib import Path
 
 import pytest
 from conftest import random_documents, write_jsonl
-
-from data_pipeline import PrepareConfig, TrainLoader, open_dataset, prepare_dataset, verify_dataset
-from dlm_errors import ConfigError, DataError
-from launch.cli import main
+from dlm_pretrain.data_pipeline import (
+    PrepareConfig,
+    TrainLoader,
+    open_dataset,
+    prepare_dataset,
+    verify_dataset,
+)
+from dlm_pretrain.dlm_errors import ConfigError, DataError
+from dlm_pretrain.launch.cli import main
 
 
 def _cfg(out: Path, corpus: list[Path], **kw) -> PrepareConfig:
@@ -141,7 +146,7 @@ def test_killed_prepare_leaves_no_dataset_and_a_rerun_cleans_up(tmp_path, datase
     out = tmp_path / "out"
     shutil.copytree(dataset, out)  # an older finished dataset in the same place
     (out / "train/shard-999999.tar").write_bytes(b"stale")
-    cmd = [sys.executable, "-m", "launch.cli", "prepare", "--out", str(out),
+    cmd = [sys.executable, "-m", "dlm_pretrain.launch.cli", "prepare", "--out", str(out),
            "--corpus", str(corpus), "--vocab-size", "400", "--seq-len", "64",
            "--shard-size", "50", "--workers", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

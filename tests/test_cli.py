@@ -6,13 +6,15 @@ import dataclasses
 import subprocess
 import sys
 
-from data_pipeline import PrepareConfig
-from launch.cli import main
+from dlm_pretrain.data_pipeline import PrepareConfig
+from dlm_pretrain.launch.cli import main
 
 
 def _help(*args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "launch.cli", *args, "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "dlm_pretrain.launch.cli", *args, "--help"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -56,5 +58,5 @@ def test_train_refuses_a_layout_that_does_not_split_before_launching(dataset, tm
 
 
 def test_smoke_takes_its_own_options():
-    """`dlm smoke ARGS` is `python -m launch.smoke ARGS`."""
+    """`dlm smoke ARGS` is `python -m dlm_pretrain.launch.smoke ARGS`."""
     assert "--max-loss-ratio" in _help("smoke")

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import run_distributed
+from dlm_pretrain.launch.train import flops_fn
+from dlm_pretrain.parallel.groups import Runtime
+from dlm_pretrain.pretrain import trainer
+from dlm_pretrain.pretrain.config import load_config
 from fake_device import BACKEND, DEVICE, fake_accelerator
 from test_train import _losses, _overrides
-
-from launch.train import flops_fn
-from parallel.groups import Runtime
-from pretrain import trainer
-from pretrain.config import load_config
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
-
-from launch.flops import (
+from dlm_pretrain.launch.flops import (
     attention_flops_per_sequence,
     forward_flops_per_sequence,
     steps_for_budget,
     training_flops_per_sequence,
 )
-from parallel.config import ModelConfig, ParallelConfig
-from parallel.groups import Runtime, init_process_groups
-from parallel.model import build_pipeline
-from pretrain.objectives import OBJECTIVES
-from pretrain.objectives.vocab import Vocab
+from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
+from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+from dlm_pretrain.parallel.model import build_pipeline
+from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @pytest.mark.parametrize("objective", ["ar", "mdlm", "duo"])

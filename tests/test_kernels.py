@@ -14,12 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
+from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.pretrain.kernels import KERNELS_ENV, chunked
+from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from test_objectives import REFERENCES
-
-from dlm_errors import ConfigError
-from pretrain.kernels import KERNELS_ENV, chunked
-from pretrain.objectives import OBJECTIVES
-from pretrain.objectives.vocab import Vocab
 
 BACKENDS = ["chunked", "triton"]
 PLAIN = "plain"  # the plain PyTorch path (objective.fused=false)

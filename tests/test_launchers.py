@@ -15,10 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 from distributed import _free_port
+from dlm_pretrain.launch.cli import main
+from dlm_pretrain.parallel.groups import environment_from_slurm, expand_nodelist
 from test_train import ONE_THREAD, _launch, _overrides, _torchrun, _wait_for_step
-
-from launch.cli import main
-from parallel.groups import environment_from_slurm, expand_nodelist
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 
@@ -27,7 +26,7 @@ UNFINISHED = ("train.steps=1000", "train.checkpoint_every=1000", "train.val_ever
 
 
 def _dlm_train(dataset: Path, run_dir: Path, *options: str, extra=()) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", "train", "default", *options,
+    return [sys.executable, "-m", "dlm_pretrain.launch.cli", "train", "default", *options,
             *_overrides(dataset, run_dir, *extra)]  # fmt: skip
 
 
@@ -176,7 +175,7 @@ def test_srun_without_a_launcher_trains_data_parallel(dataset, tmp_path):
            if k not in torch_variables and not k.startswith("SLURM_")}  # fmt: skip
     slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
              "SLURM_STEP_ID": "0", "MASTER_PORT": str(_free_port())}  # fmt: skip
-    command = [sys.executable, "-m", "launch.train", "default",
+    command = [sys.executable, "-m", "dlm_pretrain.launch.train", "default",
                *_overrides(dataset, run_dir, "train.steps=3", "train.val_every=1000")]  # fmt: skip
     tasks = []
     with open(tmp_path / "srun.log", "w") as log:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from parallel.config import SIZES, ModelConfig, ParallelConfig, parameter_count
-from parallel.groups import Runtime, init_process_groups
-from parallel.model import build_pipeline
+from dlm_pretrain.parallel.config import SIZES, ModelConfig, ParallelConfig, parameter_count
+from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+from dlm_pretrain.parallel.model import build_pipeline
 
 # json "params" of the reference's configs/flops (ALGORITHMS.md §5.7, in millions, V = 32001)
 REFERENCE_PARAMS_M = {"6M": 22.45, "19M": 41.31, "113M": 141.57, "302M": 306.77,
@@ -129,7 +128,7 @@ def test_bf16_autocast_keeps_float32_parameters_residual_and_gradients(groups):
 
 
 def test_kv_cached_decoding_equals_the_full_causal_forward(groups):
-    from parallel.model import KVCache
+    from dlm_pretrain.parallel.model import KVCache
 
     cfg, model = _model(groups, causal=True)
     _randomise(model, 4)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from pretrain.kernels import KERNELS_ENV
-from pretrain.objectives import OBJECTIVES, duo, mdlm
-from pretrain.objectives.randomness import philox4x32, philox_key, row_keys
-from pretrain.objectives.schedule import EPS, alpha, sample_t
-from pretrain.objectives.vocab import Vocab
+from dlm_pretrain.pretrain.kernels import KERNELS_ENV
+from dlm_pretrain.pretrain.objectives import OBJECTIVES, duo, mdlm
+from dlm_pretrain.pretrain.objectives.randomness import philox4x32, philox_key, row_keys
+from dlm_pretrain.pretrain.objectives.schedule import EPS, alpha, sample_t
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
 VOCAB = Vocab.build(300, mask_id=4, never_in_data=(3, 299, 298))
 G, L, SEED, STEP = 16, 64, 1234, 77

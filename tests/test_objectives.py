@@ -10,10 +10,9 @@ import math
 
 import pytest
 import torch
-
-from pretrain.objectives import ar, duo, mdlm
-from pretrain.objectives.schedule import EPS
-from pretrain.objectives.vocab import Vocab
+from dlm_pretrain.pretrain.objectives import ar, duo, mdlm
+from dlm_pretrain.pretrain.objectives.schedule import EPS
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
 V, B, L = 61, 6, 24
 VOCAB = Vocab.build(V, mask_id=4, never_in_data=(3, 60))  # mask 4, pad 3, one padding id 60

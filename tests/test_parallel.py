@@ -19,11 +19,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-
-from launch.train import flops_fn
-from pretrain import trainer
-from pretrain.config import load_config
-from pretrain.objectives import OBJECTIVES
+from dlm_pretrain.launch.train import flops_fn
+from dlm_pretrain.pretrain import trainer
+from dlm_pretrain.pretrain.config import load_config
+from dlm_pretrain.pretrain.objectives import OBJECTIVES
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 

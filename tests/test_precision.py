@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dlm_pretrain.launch.train import flops_fn
+from dlm_pretrain.pretrain import trainer
+from dlm_pretrain.pretrain.config import load_config
 from test_parallel import _capture_gradients
 from test_train import _losses, _overrides, _train
-
-from launch.train import flops_fn
-from pretrain import trainer
-from pretrain.config import load_config
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 

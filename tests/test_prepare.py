@@ -12,9 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sentencepiece as spm
 from conftest import random_documents, write_jsonl
-
-from data_pipeline import PrepareConfig, Tokenizer, open_dataset, prepare_dataset
-from data_pipeline.shards import read_shard
+from dlm_pretrain.data_pipeline import PrepareConfig, Tokenizer, open_dataset, prepare_dataset
+from dlm_pretrain.data_pipeline.shards import read_shard
 
 
 def _prepare(out: Path, corpus: list[Path], **kw) -> Path:

@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from data_pipeline import TrainLoader, open_dataset, validation_batches
-from data_pipeline.order import drop_prefix, merge, split_even
+from dlm_pretrain.data_pipeline import TrainLoader, open_dataset, validation_batches
+from dlm_pretrain.data_pipeline.order import drop_prefix, merge, split_even
 
 
 def _loader(dataset, *, dp_rank=0, dp_size=1, workers=0, micro=8, seed=0) -> TrainLoader:
@@ -161,7 +160,7 @@ def test_validation_order_is_independent_of_the_number_of_ranks(dataset):
 
 
 def test_layout_that_cannot_be_served_is_refused(dataset):
-    from dlm_errors import DataError
+    from dlm_pretrain.dlm_errors import DataError
 
     n = open_dataset(dataset).splits["train"].sequences
     with pytest.raises(DataError, match="fewer than the"):

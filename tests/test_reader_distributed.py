@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-
-from data_pipeline import TrainLoader, open_dataset
+from dlm_pretrain.data_pipeline import TrainLoader, open_dataset
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 

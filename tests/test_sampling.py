@@ -7,15 +7,14 @@ import itertools
 
 import pytest
 import torch
-
-from parallel.config import ModelConfig, ParallelConfig
-from parallel.groups import Runtime, init_process_groups
-from parallel.model import build_pipeline
-from pretrain.config import SamplingConfig
-from pretrain.objectives import OBJECTIVES
-from pretrain.objectives.schedule import sample_t
-from pretrain.objectives.vocab import Vocab
-from pretrain.sampling import categorical, generate, nucleus
+from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
+from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+from dlm_pretrain.parallel.model import build_pipeline
+from dlm_pretrain.pretrain.config import SamplingConfig
+from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives.schedule import sample_t
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
+from dlm_pretrain.pretrain.sampling import categorical, generate, nucleus
 
 CYCLE = torch.tensor([5, 6, 7, 8, 9, 10, 11])
 VOCAB = Vocab.build(16, mask_id=4, never_in_data=(3,))  # ids 12..15 are real but never seen

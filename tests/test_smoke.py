@@ -7,8 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from launch.smoke import main
+from dlm_pretrain.launch.smoke import main
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 

@@ -15,10 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-
-from parallel.config import ModelConfig, ParallelConfig
-from parallel.groups import Runtime, init_process_groups
-from parallel.model import build_pipeline
+from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
+from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+from dlm_pretrain.parallel.model import build_pipeline
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 from distributed import _free_port, run_distributed
-
-from launch.train import flops_fn
-from pretrain.config import SamplingConfig, load_config
-from pretrain.run_sampling import sample_run
-from pretrain.trainer import run
+from dlm_pretrain.launch.train import flops_fn
+from dlm_pretrain.pretrain.config import SamplingConfig, load_config
+from dlm_pretrain.pretrain.run_sampling import sample_run
+from dlm_pretrain.pretrain.trainer import run
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 
@@ -111,7 +110,7 @@ def _launch(args: list[str], run_dir: Path) -> subprocess.Popen:
 
 def _torchrun(dataset: Path, run_dir: Path, nproc: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(_free_port()), "-m", "launch.train", "default",
+            "--master-port", str(_free_port()), "-m", "dlm_pretrain.launch.train", "default",
             *_overrides(dataset, run_dir, *extra)]  # fmt: skip
 
 
@@ -138,7 +137,7 @@ def test_sigkill_and_resume_reproduce_every_loss(dataset, tmp_path, nproc, layou
              "data.num_workers=1", *layout]  # fmt: skip
     straight = tmp_path / "straight"
     code = subprocess.call(
-        [sys.executable, "-m", "launch.cli", "train", "default", "--nproc", str(nproc),
+        [sys.executable, "-m", "dlm_pretrain.launch.cli", "train", "default", "--nproc", str(nproc),
          *_overrides(dataset, straight, *steps)],
         env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -167,7 +166,7 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "launch.train",
+        "dlm_pretrain.launch.train",
         "default",
         *_overrides(dataset, run_dir, *extra),
     ]
@@ -190,7 +189,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(dataset, tmp_path):
         return [
             sys.executable,
             "-m",
-            "launch.train",
+            "dlm_pretrain.launch.train",
             "default",
             *_overrides(dataset, run_dir, *extra),
         ]
@@ -217,7 +216,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path):
     """A learning rate of 1e30 overflows the parameters after one update; the next steps
     are non-finite, skipped and counted, and the third in a row stops the run with a
     checkpoint."""
-    from pretrain.trainer import DivergenceError
+    from dlm_pretrain.pretrain.trainer import DivergenceError
 
     with pytest.raises(DivergenceError, match="3 non-finite steps in a row"):
         _train(dataset, tmp_path / "diverged", "optim.lr=1e30", "optim.min_lr=1e29",
@@ -233,7 +232,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path):
 def test_resume_in_one_process_and_on_another_data_parallel_size(dataset, tmp_path):
     """dp=1 stopped at step 4 and restarted matches an uninterrupted run exactly; the same
     checkpoint then continues on dp=2, and `dlm sample` reads the result."""
-    from launch.cli import main
+    from dlm_pretrain.launch.cli import main
 
     extra = ("train.checkpoint_every=4", "train.val_every=100", "data.num_workers=2")
     straight = _train(dataset, tmp_path / "straight", "train.steps=8", *extra)
@@ -251,9 +250,9 @@ def _continue_on_dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -
 
 
 def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
-    from data_pipeline import open_dataset
-    from launch.flops import training_flops_per_sequence
-    from pretrain.trainer import model_spec
+    from dlm_pretrain.data_pipeline import open_dataset
+    from dlm_pretrain.launch.flops import training_flops_per_sequence
+    from dlm_pretrain.pretrain.trainer import model_spec
 
     cfg = load_config("default", _overrides(dataset, tmp_path / "budget"))
     model_cfg, _ = model_spec(cfg, open_dataset(dataset))
@@ -264,15 +263,15 @@ def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
 
 
 def test_a_dataset_that_does_not_match_the_run_is_refused(dataset, tmp_path):
-    from dlm_errors import DataError
+    from dlm_pretrain.dlm_errors import DataError
 
     with pytest.raises(DataError, match="seq_len=128"):
         _train(dataset, tmp_path / "mismatch", "train.steps=1", "data.seq_len=128")
 
 
 def test_vocabulary_is_padded_and_padding_is_never_real(dataset):
-    from data_pipeline import open_dataset
-    from pretrain.trainer import model_spec
+    from dlm_pretrain.data_pipeline import open_dataset
+    from dlm_pretrain.pretrain.trainer import model_spec
 
     manifest = open_dataset(dataset)  # 400 pieces
     for tensor, padded in [(1, 512), (2, 512)]:
@@ -285,7 +284,7 @@ def test_vocabulary_is_padded_and_padding_is_never_real(dataset):
 
 
 def test_config_overrides_are_strict(dataset):
-    from dlm_errors import ConfigError
+    from dlm_pretrain.dlm_errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"did you mean train\.steps"):
         load_config("default", ["train.stpes=3"])

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import os
 
+from dlm_pretrain.dlm_errors import ConfigError
 from torch import Tensor
-
-from dlm_errors import ConfigError
 
 KERNELS_ENV = "DLM_KERNELS"  # "triton" or "chunked" overrides the choice by device
 

@@ -23,10 +23,9 @@ from types import ModuleType
 
 import torch
 import torch.distributed as dist
+from dlm_pretrain.pretrain.kernels import backend_name, chunked
 from torch import Tensor
 from torch.distributed import ProcessGroup
-
-from pretrain.kernels import backend_name, chunked
 
 Rows = tuple[Tensor, ...]  # index tensors [n] into the leading dimensions of the logits
 
@@ -35,7 +34,7 @@ def backend(logits: Tensor) -> ModuleType:
     """The loss kernels for these logits (see pretrain.kernels.backend_name)."""
     if backend_name(logits) == "chunked":
         return chunked
-    from pretrain.kernels import triton_backend  # Triton is imported only when used
+    from dlm_pretrain.pretrain.kernels import triton_backend  # Triton is imported only when used
 
     return triton_backend
 

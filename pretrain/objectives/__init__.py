@@ -11,6 +11,6 @@ that holds the other shards (None: the whole vocabulary). `fused=True` computes 
 with the memory-lean kernels of pretrain.kernels (same results).
 """
 
-from pretrain.objectives import ar, duo, mdlm
+from dlm_pretrain.pretrain.objectives import ar, duo, mdlm
 
 OBJECTIVES = {"ar": ar, "mdlm": mdlm, "duo": duo}

@@ -6,12 +6,11 @@ The model sees all L tokens; position l predicts x0[l + 1], so L - 1 tokens are 
 from __future__ import annotations
 
 import torch
+from dlm_pretrain.pretrain.kernels.losses import all_rows
+from dlm_pretrain.pretrain.objectives.reductions import cross_entropy_at
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 from torch.distributed import ProcessGroup
-
-from pretrain.kernels.losses import all_rows
-from pretrain.objectives.reductions import cross_entropy_at
-from pretrain.objectives.vocab import Vocab
 
 CAUSAL = True
 

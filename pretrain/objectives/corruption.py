@@ -9,12 +9,17 @@ writes xt in one pass; this module's PyTorch form is its CPU twin, bit for bit.
 from __future__ import annotations
 
 import torch
+from dlm_pretrain.pretrain.kernels import backend_name
+from dlm_pretrain.pretrain.objectives.randomness import (
+    STREAM_CORRUPT,
+    below,
+    philox4x32,
+    row_keys,
+    uniform,
+)
+from dlm_pretrain.pretrain.objectives.schedule import alpha
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
-
-from pretrain.kernels import backend_name
-from pretrain.objectives.randomness import STREAM_CORRUPT, below, philox4x32, row_keys, uniform
-from pretrain.objectives.schedule import alpha
-from pretrain.objectives.vocab import Vocab
 
 
 def corrupt(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab, uniform_ids: bool):
@@ -24,7 +29,7 @@ def corrupt(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab, 
     keys = row_keys(seed, STREAM_CORRUPT, sample_ids)
     threshold = 1 - alpha(t).float()  # corrupted iff uniform(w0) < 1 - alpha_t
     if backend_name(x0) == "triton":
-        from pretrain.kernels.triton_noise import corrupt as corrupt_kernel
+        from dlm_pretrain.pretrain.kernels.triton_noise import corrupt as corrupt_kernel
 
         return corrupt_kernel(x0, keys, threshold, vocab, uniform_ids)
     w0, w1, _, _ = philox4x32(keys.unsqueeze(1), torch.arange(x0.shape[1], device=x0.device))

@@ -20,20 +20,19 @@ temporary; the fused path sums it block by block).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-from torch.distributed import ProcessGroup
-
-from pretrain.kernels import losses as fused_losses
-from pretrain.objectives.corruption import corrupt
-from pretrain.objectives.reductions import (
+from dlm_pretrain.pretrain.kernels import losses as fused_losses
+from dlm_pretrain.pretrain.objectives.corruption import corrupt
+from dlm_pretrain.pretrain.objectives.reductions import (
     all_reduce_sum,
     into_shards,
     log_normaliser,
     logit_at,
     real_logits,
 )
-from pretrain.objectives.schedule import alpha, alpha_prime, sigma
-from pretrain.objectives.vocab import Vocab
+from dlm_pretrain.pretrain.objectives.schedule import alpha, alpha_prime, sigma
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
+from torch import Tensor
+from torch.distributed import ProcessGroup
 
 CAUSAL = False
 

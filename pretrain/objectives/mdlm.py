@@ -9,12 +9,11 @@ score 0 (carry-over) and the mask id is never predicted (zero-masking).
 from __future__ import annotations
 
 import torch
+from dlm_pretrain.pretrain.objectives.corruption import corrupt
+from dlm_pretrain.pretrain.objectives.reductions import cross_entropy_at
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 from torch.distributed import ProcessGroup
-
-from pretrain.objectives.corruption import corrupt
-from pretrain.objectives.reductions import cross_entropy_at
-from pretrain.objectives.vocab import Vocab
 
 CAUSAL = False
 LOSS_TYPES = ("elbo", "cross_entropy")

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from dlm_pretrain.pretrain.kernels import losses as fused_losses
+from dlm_pretrain.pretrain.kernels.losses import local_real, shard_start
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
 from torch import Tensor
 from torch.distributed import ProcessGroup
-
-from pretrain.kernels import losses as fused_losses
-from pretrain.kernels.losses import local_real, shard_start
 
 
 def _size(group: ProcessGroup | None) -> int:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
+from dlm_pretrain.pretrain.objectives.randomness import STREAM_TIME, philox4x32, row_keys, uniform
 from torch import Tensor
-
-from pretrain.objectives.randomness import STREAM_TIME, philox4x32, row_keys, uniform
 
 EPS = 1e-3  # alpha_1 = EPS and t >= EPS, as the reference (chosen there to match SEDD)
 

@@ -11,9 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
+from dlm_pretrain.dlm_errors import ConfigError
 from torch import Tensor
-
-from dlm_errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Step time and communication volume of tensor and pipeline parallelism on this machine.
 
-    python bench/parallel.py [--size cpu-base] [--seq-len 256] [--steps 6]
+    python bench/parallel_scaling.py [--size cpu-base] [--seq-len 256] [--steps 6]
 
 Runs the same training step (AR objective, global batch 16, micro-batch 4, float32, gloo)
 as T=1 P=1, T=2 and P=2 (each layout through torchrun), and prints the median step time
@@ -71,13 +71,13 @@ def _count_collectives(groups) -> Counter:
 
 
 def _worker(size: str, seq_len: int, steps: int, out: Path) -> None:
-    from parallel.config import ModelConfig, ParallelConfig
-    from parallel.groups import Runtime, init_process_groups
-    from parallel.model import build_pipeline
-    from pretrain.config import OptimConfig, TrainConfig
-    from pretrain.engine import build_engine
-    from pretrain.objectives import ar
-    from pretrain.objectives.vocab import Vocab
+    from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
+    from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+    from dlm_pretrain.parallel.model import build_pipeline
+    from dlm_pretrain.pretrain.config import OptimConfig, TrainConfig
+    from dlm_pretrain.pretrain.engine import build_engine
+    from dlm_pretrain.pretrain.objectives import ar
+    from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
     torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["WORLD_SIZE"])))
     tensor, pipeline = int(os.environ["BENCH_TENSOR"]), int(os.environ["BENCH_PIPELINE"])
@@ -117,7 +117,7 @@ def _worker(size: str, seq_len: int, steps: int, out: Path) -> None:
 
 def analytic_bytes(size: str, seq_len: int) -> dict[str, float]:
     """Per step, as in the module docstring (float32)."""
-    from parallel.config import COND_DIM, SIZES
+    from dlm_pretrain.parallel.config import COND_DIM, SIZES
 
     d, layers, _ = SIZES[size]
     micro_batches = GLOBAL_BATCH // MICRO_BATCH
