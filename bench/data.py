@@ -54,9 +54,14 @@ def time_reader(
 ) -> tuple[int, float]:
     manifest = open_dataset(root)
     loader = TrainLoader(
-        root, manifest, micro_batch_size=micro_batch_size, dp_rank=0, dp_size=1,
-        num_workers=workers, seed=0,
-    )  # fmt: skip
+        root,
+        manifest,
+        micro_batch_size=micro_batch_size,
+        dp_rank=0,
+        dp_size=1,
+        num_workers=workers,
+        seed=0,
+    )
     batches, start = 0, None
     for _ in loader:
         if start is None:  # the first batch pays for starting the workers
@@ -92,13 +97,17 @@ def main() -> None:
             seconds, tokens = run(workers)
             rate = tokens / seconds
             base = base or rate
-            print(f"{stage:<24} {workers:>7} {seconds:>8.2f} {tokens:>10} {rate:>10.0f} "
-                  f"{rate / base:>5.2f}x")  # fmt: skip
+            print(
+                f"{stage:<24} {workers:>7} {seconds:>8.2f} {tokens:>10} {rate:>10.0f} "
+                f"{rate / base:>5.2f}x"
+            )
 
     time_prepare(work / "l2048", tokenizer, 2, 2048)
     samples, seconds = time_reader(work / "l2048", 2, 8, args.read_seconds)
-    print(f"\nreader, seq_len 2048, 2 workers, micro-batch 8: {samples / seconds:.0f} sequences/s, "
-          f"{samples * 2048 / seconds / 1e6:.2f} M tokens/s over {seconds:.1f}s")  # fmt: skip
+    print(
+        f"\nreader, seq_len 2048, 2 workers, micro-batch 8: {samples / seconds:.0f} sequences/s, "
+        f"{samples * 2048 / seconds / 1e6:.2f} M tokens/s over {seconds:.1f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -95,8 +95,9 @@ def main() -> None:
     def ours(objective, xt, fused):
         def loss(lg):
             shape = (SEQUENCES, n // SEQUENCES)
-            return objective.per_token_loss(lg.view(*shape, v), x0.view(shape), xt.view(shape),
-                                            t_seq, vocab, fused=fused)  # fmt: skip
+            return objective.per_token_loss(
+                lg.view(*shape, v), x0.view(shape), xt.view(shape), t_seq, vocab, fused=fused
+            )
 
         return loss
 
@@ -104,8 +105,10 @@ def main() -> None:
         "MDLM cross-entropy": (masked, reference_cross_entropy, mdlm),
         "Duo ELBO": (uniform, reference_duo, duo),
     }
-    print(f"{n} tokens x vocab {v}, float32 logits ({n * v * 4 / 2**30:.2f} GiB), CPU, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        f"{n} tokens x vocab {v}, float32 logits ({n * v * 4 / 2**30:.2f} GiB), CPU, "
+        f"{torch.get_num_threads()} threads"
+    )
     for name, (xt, reference, objective) in cases.items():
         print(f"\n{name}:                  extra memory      time")
         base_mem, base_time = _measure(lambda lg, r=reference, z=xt: r(lg, x0, z, t, vocab), logits)
@@ -113,8 +116,10 @@ def main() -> None:
         rows.append(("plain (ours)", *_measure(ours(objective, xt, False), logits)))
         rows.append(("twin (chunked)", *_measure(ours(objective, xt, True), logits)))
         for label, mem, seconds in rows:
-            print(f"  {label:<16} {mem:9.0f} MiB ({mem / base_mem:6.1%})"
-                  f"  {seconds:6.2f} s ({base_time / seconds:.2f}x)")  # fmt: skip
+            print(
+                f"  {label:<16} {mem:9.0f} MiB ({mem / base_mem:6.1%})"
+                f"  {seconds:6.2f} s ({base_time / seconds:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

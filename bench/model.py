@@ -67,9 +67,11 @@ def main() -> None:
         cfg = ModelConfig.preset(size, vocab_size=args.vocab_size, seq_len=args.seq_len)
         seconds = train_step_seconds(cfg, args.batch, groups)
         flops = training_flops_per_sequence(cfg, "mdlm", args.seq_len) * args.batch
-        print(f"{size:>10} {parameter_count(cfg) / 1e6:>8.1f}M {seconds:>8.3f} "
-              f"{args.batch * args.seq_len / seconds:>9.0f} {flops / seconds / 1e9:>8.1f} "
-              f"{flops / seconds / peak:>7.0%}")  # fmt: skip
+        print(
+            f"{size:>10} {parameter_count(cfg) / 1e6:>8.1f}M {seconds:>8.3f} "
+            f"{args.batch * args.seq_len / seconds:>9.0f} {flops / seconds / 1e9:>8.1f} "
+            f"{flops / seconds / peak:>7.0%}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,17 +35,31 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 GLOBAL_BATCH, MICRO_BATCH, VOCAB = 16, 4, 4096
 LAYOUTS = {"T1 P1": (1, 1), "T2": (2, 1), "P2": (1, 2)}
-COUNTED = ("all_reduce", "send", "recv", "isend", "irecv", "broadcast", "all_gather",
-           "all_gather_into_tensor", "reduce_scatter_tensor")  # fmt: skip
+COUNTED = (
+    "all_reduce",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+)
 
 
 def _count_collectives(groups) -> Counter:
     """Wrap torch.distributed's collectives to add up the bytes each moves, by group."""
     moved: Counter = Counter()
 
-    names = {tuple(dist.get_process_group_ranks(g)): n
-             for n, g in (("pipeline", groups.pp_group), ("data", groups.dp_group),
-                          ("tensor", groups.tp_group))}  # fmt: skip
+    names = {
+        tuple(dist.get_process_group_ranks(g)): n
+        for n, g in (
+            ("pipeline", groups.pp_group),
+            ("data", groups.dp_group),
+            ("tensor", groups.tp_group),
+        )
+    }
 
     def kind(group) -> str:
         ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
@@ -138,17 +152,32 @@ def main() -> None:
         _worker(args.size, args.seq_len, args.steps, args.worker)
         return
     expected = analytic_bytes(args.size, args.seq_len)
-    print(f"{args.size}, L={args.seq_len}, V={VOCAB}, global batch {GLOBAL_BATCH}, "
-          f"micro-batch {MICRO_BATCH}, float32, gloo, {os.cpu_count()} cores in all")  # fmt: skip
+    print(
+        f"{args.size}, L={args.seq_len}, V={VOCAB}, global batch {GLOBAL_BATCH}, "
+        f"micro-batch {MICRO_BATCH}, float32, gloo, {os.cpu_count()} cores in all"
+    )
     base = None
     for name, (tensor, pipeline) in LAYOUTS.items():
         with tempfile.TemporaryDirectory() as tmp:
             result_file = Path(tmp) / "result.json"
             env = {**os.environ, "BENCH_TENSOR": str(tensor), "BENCH_PIPELINE": str(pipeline)}
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       "--nproc-per-node", str(tensor * pipeline), __file__,
-                       "--size", args.size, "--seq-len", str(args.seq_len),
-                       "--steps", str(args.steps), "--worker", str(result_file)]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(tensor * pipeline),
+                __file__,
+                "--size",
+                args.size,
+                "--seq-len",
+                str(args.seq_len),
+                "--steps",
+                str(args.steps),
+                "--worker",
+                str(result_file),
+            ]
             subprocess.run(command, env=env, check=True, capture_output=True)
             result = json.loads(result_file.read_text())
         base = base or result["seconds"]
@@ -160,8 +189,7 @@ def main() -> None:
                 f"  {'analytic tensor all-reduce':<40} {expected['tensor'] / 2**20:9.2f} MiB/step"
             )
         if pipeline > 1:
-            print(f"  {'analytic send (= recv)':<40} "
-                  f"{expected['pipeline'] / 2**20:9.2f} MiB/step")  # fmt: skip
+            print(f"  {'analytic send (= recv)':<40} {expected['pipeline'] / 2**20:9.2f} MiB/step")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.common.errors import ConfigError
 
 # sentencepiece with byte fallback needs 256 byte pieces, the specials and some merges.
 MIN_VOCAB_SIZE = 320

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
-from dlm_pretrain.dlm_errors import DataError
+from dlm_pretrain.common.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")

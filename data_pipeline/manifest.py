@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from dlm_pretrain.dlm_errors import DataError
+from dlm_pretrain.common.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -67,16 +66,6 @@ class Manifest:
 def token_dtype(vocab_size: int) -> str:
     """The smallest unsigned dtype that holds every id (uint16 for V <= 65536)."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_manifest(root: str | Path) -> Manifest:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from dlm_pretrain.common.errors import DataError
+from dlm_pretrain.common.files import write_atomic
 from dlm_pretrain.data_pipeline.config import PrepareConfig
 from dlm_pretrain.data_pipeline.corpus import (
     ReadCounts,
@@ -32,13 +34,11 @@ from dlm_pretrain.data_pipeline.manifest import (
     Manifest,
     SplitInfo,
     token_dtype,
-    write_atomic,
 )
 from dlm_pretrain.data_pipeline.packing import Packer
 from dlm_pretrain.data_pipeline.progress import Progress
 from dlm_pretrain.data_pipeline.shards import ShardWriter
 from dlm_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from dlm_pretrain.dlm_errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dlm_pretrain.common.errors import DataError
 from dlm_pretrain.data_pipeline.manifest import Manifest
 from dlm_pretrain.data_pipeline.order import (
     EpochOrder,
@@ -31,7 +32,6 @@ from dlm_pretrain.data_pipeline.order import (
     split_even,
 )
 from dlm_pretrain.data_pipeline.shards import read_shard
-from dlm_pretrain.dlm_errors import DataError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 STATE_VERSION = 1
@@ -139,9 +139,14 @@ class _RankStreams(IterableDataset):
     (s + rotation) % W, so a resumed loader continues the round-robin where it stopped."""
 
     def __init__(
-        self, root: Path, manifest: Manifest, seed: int, layout: Layout,
-        plans: Sequence[StreamPlan], rotation: int,
-    ) -> None:  # fmt: skip
+        self,
+        root: Path,
+        manifest: Manifest,
+        seed: int,
+        layout: Layout,
+        plans: Sequence[StreamPlan],
+        rotation: int,
+    ) -> None:
         self.root, self.manifest, self.seed, self.layout = root, manifest, seed, layout
         self.plans, self.rotation = list(plans), rotation
         shards = manifest.splits["train"].shards
@@ -216,9 +221,11 @@ class TrainLoader:
             self.root, self.manifest, self.seed, self.layout, mine, self._rotation
         )
         loader = DataLoader(
-            streams, batch_size=None, num_workers=self.layout.num_workers,
+            streams,
+            batch_size=None,
+            num_workers=self.layout.num_workers,
             pin_memory=self.pin_memory,
-        )  # fmt: skip
+        )
         for batch in loader:
             self._consumed += 1
             yield batch

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from dlm_pretrain.common.errors import DataError
 from dlm_pretrain.data_pipeline.manifest import Manifest, ShardInfo, load_manifest
-from dlm_pretrain.dlm_errors import DataError
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 TOKENS = "tokens.bin"

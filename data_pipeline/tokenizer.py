@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-from dlm_pretrain.dlm_errors import DataError
+from dlm_pretrain.common.errors import DataError
 
 MASK_PIECES = ("<mask>", "[MASK]", "<|mask|>")
 # sentencepiece's result depends on its thread count: fixed, so --workers never changes the model.

@@ -15,8 +15,8 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dlm_pretrain.common.errors import DlmError
 from dlm_pretrain.data_pipeline import PrepareConfig, prepare_dataset, verify_dataset
-from dlm_pretrain.dlm_errors import DlmError
 from dlm_pretrain.launch.launcher import (
     deepspeed_command,
     hostfile_slots,
@@ -96,9 +96,13 @@ def _build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_run_train)
 
     _add_command(
-        sub, "sample", "write samples from the latest checkpoint of a run", SamplingConfig,
-        _run_sample, positional="run_dir",
-    )  # fmt: skip
+        sub,
+        "sample",
+        "write samples from the latest checkpoint of a run",
+        SamplingConfig,
+        _run_sample,
+        positional="run_dir",
+    )
     smoke = sub.add_parser(
         "smoke",
         add_help=False,  # `dlm smoke --help` is launch.smoke's own

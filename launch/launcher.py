@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 
 import psutil
-from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

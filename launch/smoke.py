@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.data_pipeline import open_dataset, prepare_dataset
-from dlm_pretrain.dlm_errors import ConfigError
 from dlm_pretrain.launch.smoke_check import (
     FAIL,
     PASS,
@@ -134,9 +134,11 @@ def check_devices(runtime: Runtime) -> Check:
         free, total = torch.cuda.mem_get_info(runtime.device)
         names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
         nccl = ".".join(map(str, torch.cuda.nccl.version()))
-        parts += [f"CUDA {torch.version.cuda}, NCCL {nccl}",
-                  f"{torch.cuda.device_count()} x {' + '.join(sorted(names))}",
-                  f"{free / 2**30:.1f}/{total / 2**30:.1f} GiB free"]  # fmt: skip
+        parts += [
+            f"CUDA {torch.version.cuda}, NCCL {nccl}",
+            f"{torch.cuda.device_count()} x {' + '.join(sorted(names))}",
+            f"{free / 2**30:.1f}/{total / 2**30:.1f} GiB free",
+        ]
     else:
         parts.append("no GPU")
     parts.append(f"this rank on {runtime.device}, {dist.get_world_size()} rank(s)")
@@ -157,16 +159,20 @@ def check_collectives(runtime: Runtime, size_bytes: int = 64 * 2**20) -> Check:
         torch.empty(1024, device=device),
         torch.full((1024,), rank + 0.0, device=device),
     )
-    for request in dist.batch_isend_irecv([
-        dist.P2POp(dist.isend, sent, (rank + 1) % world),
-        dist.P2POp(dist.irecv, received, (rank - 1) % world),
-    ]):  # fmt: skip
+    for request in dist.batch_isend_irecv(
+        [
+            dist.P2POp(dist.isend, sent, (rank + 1) % world),
+            dist.P2POp(dist.irecv, received, (rank - 1) % world),
+        ]
+    ):
         request.wait()
     ring_ok = bool((received == (rank - 1) % world).all())
     _, ms = timed(partial(dist.all_reduce, torch.ones(size_bytes // 4, device=device)), device, 5)
     bus_gb_per_s = size_bytes / ms / 1e6 * 2 * (world - 1) / world
-    detail += (f", send/recv ring {'ok' if ring_ok else 'WRONG'}, {size_bytes >> 20} MiB "
-               f"all_reduce {bus_gb_per_s:.1f} GB/s bus bandwidth")  # fmt: skip
+    detail += (
+        f", send/recv ring {'ok' if ring_ok else 'WRONG'}, {size_bytes >> 20} MiB "
+        f"all_reduce {bus_gb_per_s:.1f} GB/s bus bandwidth"
+    )
     return Check("collectives", PASS if ok and ring_ok else FAIL, detail)
 
 
@@ -188,15 +194,26 @@ def _training_config(opts: SmokeOptions) -> RunConfig:
     only at the end, so that the step lines time training alone; the user's overrides last."""
     gpu, steps = torch.cuda.is_available(), opts.steps
     micro = 32 if gpu else 8
-    return load_config("default", [
-        f"data.path={_dataset(opts.data)}", f"train.run_dir={opts.out / 'run'}",
-        f"model.size={opts.size or ('19M' if gpu else 'cpu-small')}", "train.dtype=bfloat16",
-        f"train.steps={steps}", f"train.micro_batch={micro}",
-        f"train.global_batch={micro * dist.get_world_size()}", f"train.val_sequences={micro}",
-        f"train.log_every={max(1, steps // 3)}", f"train.val_every={steps}",
-        f"train.checkpoint_every={steps}", "train.num_samples=1", "train.sample_steps=16",
-        f"optim.min_warmup_steps={max(1, steps // 6)}", *opts.overrides,
-    ])  # fmt: skip
+    return load_config(
+        "default",
+        [
+            f"data.path={_dataset(opts.data)}",
+            f"train.run_dir={opts.out / 'run'}",
+            f"model.size={opts.size or ('19M' if gpu else 'cpu-small')}",
+            "train.dtype=bfloat16",
+            f"train.steps={steps}",
+            f"train.micro_batch={micro}",
+            f"train.global_batch={micro * dist.get_world_size()}",
+            f"train.val_sequences={micro}",
+            f"train.log_every={max(1, steps // 3)}",
+            f"train.val_every={steps}",
+            f"train.checkpoint_every={steps}",
+            "train.num_samples=1",
+            "train.sample_steps=16",
+            f"optim.min_warmup_steps={max(1, steps // 6)}",
+            *opts.overrides,
+        ],
+    )
 
 
 def _dataset(data: str) -> str:
@@ -270,12 +287,18 @@ def check_throughput(cfg: RunConfig, clock: _StepClock) -> Check:
     manifest = open_dataset(cfg.data.path)
     model_cfg, _ = model_spec(cfg, manifest)
     speed = throughput(
-        (last_step - first_step) * cfg.train.global_batch, end - start, manifest.seq_len,
-        flops_fn(cfg)(model_cfg), dist.get_world_size(), device_peak_flops(cfg.train.peak_flops),
-    )  # fmt: skip
-    detail = (f"{speed.tokens_per_s:,.0f} tok/s over steps {first_step}-{last_step}, "
-              f"{speed.flops_per_s_per_device / 1e12:.3f} TFLOP/s per device, "
-              f"MFU {100 * speed.mfu:.1f}%")  # fmt: skip
+        (last_step - first_step) * cfg.train.global_batch,
+        end - start,
+        manifest.seq_len,
+        flops_fn(cfg)(model_cfg),
+        dist.get_world_size(),
+        device_peak_flops(cfg.train.peak_flops),
+    )
+    detail = (
+        f"{speed.tokens_per_s:,.0f} tok/s over steps {first_step}-{last_step}, "
+        f"{speed.flops_per_s_per_device / 1e12:.3f} TFLOP/s per device, "
+        f"MFU {100 * speed.mfu:.1f}%"
+    )
     return Check("throughput", PASS, detail)
 
 
@@ -288,17 +311,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="training steps")
     parser.add_argument("--size", default="", help="model.size (default: 19M on GPU, cpu-small)")
     parser.add_argument("--data", default="", help="a prepared dataset (default: data/stdlib)")
-    parser.add_argument("--max-loss-ratio", type=float, default=0.9,
-                        help="last/first mean training loss must be below it")  # fmt: skip
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="for the training run, e.g. optim.lr=3e-3")  # fmt: skip
+    parser.add_argument(
+        "--max-loss-ratio",
+        type=float,
+        default=0.9,
+        help="last/first mean training loss must be below it",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="for the training run, e.g. optim.lr=3e-3",
+    )
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         opts = SmokeOptions(
-            out=Path(args.out), steps=args.steps, size=args.size, data=args.data,
-            overrides=tuple(args.overrides), max_loss_ratio=args.max_loss_ratio,
-        )  # fmt: skip
+            out=Path(args.out),
+            steps=args.steps,
+            size=args.size,
+            data=args.data,
+            overrides=tuple(args.overrides),
+            max_loss_ratio=args.max_loss_ratio,
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -323,8 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         root.setLevel(level)
         handler.close()
     counts = ", ".join(f"{sum(c.status == s for c in report.checks)} {s}" for s in STATUSES)
-    show(Check("smoke check", PASS if report.passed else FAIL,
-               f"{counts} in {time.perf_counter() - start:.0f} s; log in {log_path}"))  # fmt: skip
+    show(
+        Check(
+            "smoke check",
+            PASS if report.passed else FAIL,
+            f"{counts} in {time.perf_counter() - start:.0f} s; log in {log_path}",
+        )
+    )
     return 0 if report.passed else 1
 
 

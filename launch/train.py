@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch.distributed as dist
+from dlm_pretrain.common.errors import DlmError
 from dlm_pretrain.data_pipeline import PrepareConfig
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE
-from dlm_pretrain.dlm_errors import DlmError
 from dlm_pretrain.launch.flops import training_flops_per_sequence
 from dlm_pretrain.parallel.config import ModelConfig
 from dlm_pretrain.parallel.groups import environment_from_slurm
@@ -82,10 +82,18 @@ def load_run_config(preset: str, overrides: list[str]) -> RunConfig:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("preset", nargs="?", default="default",
-                        help="preset name (pretrain/presets/NAME.yaml) or a YAML file")  # fmt: skip
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override any config value, e.g. train.steps=1000")  # fmt: skip
+    parser.add_argument(
+        "preset",
+        nargs="?",
+        default="default",
+        help="preset name (pretrain/presets/NAME.yaml) or a YAML file",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override any config value, e.g. train.steps=1000",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,25 +4,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.common.errors import ConfigError
 
 COND_DIM = 128  # every size of the paper conditions adaLN through a 128-wide time embedding
 TIME_FEATURES = 256  # sinusoidal features of the scalar s (128 frequencies x cos, sin)
 
 # name -> (hidden size d, blocks, heads): the paper's FLOPs sweep (§5.7), then small CPU presets.
 SIZES: dict[str, tuple[int, int, int]] = {
-    "6M": (256, 6, 4), "19M": (384, 8, 6), "34M": (512, 8, 8), "48M": (576, 9, 9),
-    "66M": (640, 10, 10), "75M": (640, 16, 8), "85M": (640, 13, 10), "113M": (768, 12, 12),
-    "142M": (768, 15, 12), "170M": (768, 18, 12), "180M": (896, 14, 14), "206M": (896, 16, 14),
-    "231M": (896, 18, 14), "268M": (1024, 16, 16), "302M": (1024, 18, 16),
-    "336M": (1024, 20, 16), "472M": (1280, 18, 10), "551M": (1280, 21, 10),
-    "571M": (1408, 18, 11), "629M": (1280, 24, 10), "666M": (1408, 21, 11),
-    "717M": (1536, 19, 12), "761M": (1408, 24, 11), "831M": (1536, 22, 12),
-    "944M": (1536, 25, 12), "1028M": (1792, 20, 14), "1233M": (1792, 24, 14),
-    "1476M": (2048, 22, 16), "1678M": (2048, 25, 16), "2121M": (2176, 28, 17),
+    "6M": (256, 6, 4),
+    "19M": (384, 8, 6),
+    "34M": (512, 8, 8),
+    "48M": (576, 9, 9),
+    "66M": (640, 10, 10),
+    "75M": (640, 16, 8),
+    "85M": (640, 13, 10),
+    "113M": (768, 12, 12),
+    "142M": (768, 15, 12),
+    "170M": (768, 18, 12),
+    "180M": (896, 14, 14),
+    "206M": (896, 16, 14),
+    "231M": (896, 18, 14),
+    "268M": (1024, 16, 16),
+    "302M": (1024, 18, 16),
+    "336M": (1024, 20, 16),
+    "472M": (1280, 18, 10),
+    "551M": (1280, 21, 10),
+    "571M": (1408, 18, 11),
+    "629M": (1280, 24, 10),
+    "666M": (1408, 21, 11),
+    "717M": (1536, 19, 12),
+    "761M": (1408, 24, 11),
+    "831M": (1536, 22, 12),
+    "944M": (1536, 25, 12),
+    "1028M": (1792, 20, 14),
+    "1233M": (1792, 24, 14),
+    "1476M": (2048, 22, 16),
+    "1678M": (2048, 25, 16),
+    "2121M": (2176, 28, 17),
     # CPU presets: quick tests and laptop runs
-    "tiny": (64, 2, 2), "cpu-small": (128, 4, 4), "cpu-base": (256, 4, 4),
-}  # fmt: skip
+    "tiny": (64, 2, 2),
+    "cpu-small": (128, 4, 4),
+    "cpu-base": (256, 4, 4),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,8 +84,14 @@ class ModelConfig:
         if name not in SIZES:
             raise ConfigError(f"unknown model size {name!r}; choose one of {', '.join(SIZES)}")
         d, layers, heads = SIZES[name]
-        return cls(hidden_size=d, n_layers=layers, n_heads=heads, vocab_size=vocab_size,
-                   seq_len=seq_len, **overrides)  # fmt: skip
+        return cls(
+            hidden_size=d,
+            n_layers=layers,
+            n_heads=heads,
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+            **overrides,
+        )
 
 
 def parameter_count(cfg: ModelConfig) -> int:

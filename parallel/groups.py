@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.parallel.config import ParallelConfig
 from torch.distributed import ProcessGroup
 

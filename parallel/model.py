@@ -158,9 +158,12 @@ class InputStage(nn.Module):
         super().__init__()
         generator = _generator(cfg, 0)
         self.embedding = tensor_parallel.VocabParallelEmbedding(
-            cfg.vocab_size, cfg.hidden_size, config=_megatron_config(tp_group),
-            init_method=_uniform(1 / math.sqrt(cfg.hidden_size), generator), tp_group=tp_group,
-        )  # fmt: skip
+            cfg.vocab_size,
+            cfg.hidden_size,
+            config=_megatron_config(tp_group),
+            init_method=_uniform(1 / math.sqrt(cfg.hidden_size), generator),
+            tp_group=tp_group,
+        )
         self.time_embedding = TimeEmbedding(cfg.cond_dim, generator)
 
     def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -173,9 +176,13 @@ class DiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN-Zero modulation (§5.2). (hidden, cond) -> same"""
 
     def __init__(
-        self, cfg: ModelConfig, layer: int, tp_group: ProcessGroup, causal: bool,
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        tp_group: ProcessGroup,
+        causal: bool,
         compute_dtype: torch.dtype = torch.float32,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         d, tp = cfg.hidden_size, tp_group.size()
         generator = _generator(cfg, layer)
@@ -184,21 +191,43 @@ class DiTBlock(nn.Module):
         self.heads_local, self.head_dim = cfg.n_heads // tp, cfg.head_dim
         self.norm1, self.norm2 = LayerNorm(d), LayerNorm(d)
         self.qkv = ColumnParallelLinear(
-            d, 3 * d, config=megatron, init_method=_uniform(1 / math.sqrt(d), generator),
-            bias=False, gather_output=False, tp_group=tp_group,
-        )  # fmt: skip
+            d,
+            3 * d,
+            config=megatron,
+            init_method=_uniform(1 / math.sqrt(d), generator),
+            bias=False,
+            gather_output=False,
+            tp_group=tp_group,
+        )
         self.attn_out = RowParallelLinear(
-            d, d, config=megatron, init_method=_uniform(1 / math.sqrt(d), generator),
-            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
-        )  # fmt: skip
+            d,
+            d,
+            config=megatron,
+            init_method=_uniform(1 / math.sqrt(d), generator),
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=tp_group,
+        )
         self.fc1 = ColumnParallelLinear(
-            d, 4 * d, config=megatron, init_method=_uniform(1 / math.sqrt(d), generator),
-            bias=True, gather_output=False, tp_group=tp_group,
-        )  # fmt: skip
+            d,
+            4 * d,
+            config=megatron,
+            init_method=_uniform(1 / math.sqrt(d), generator),
+            bias=True,
+            gather_output=False,
+            tp_group=tp_group,
+        )
         self.fc2 = RowParallelLinear(
-            4 * d, d, config=megatron, init_method=_uniform(1 / math.sqrt(4 * d), generator),
-            bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
-        )  # fmt: skip
+            4 * d,
+            d,
+            config=megatron,
+            init_method=_uniform(1 / math.sqrt(4 * d), generator),
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=tp_group,
+        )
         self.modulation = nn.Linear(cfg.cond_dim, 6 * d)  # replicated on every tp rank
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
@@ -261,9 +290,14 @@ class OutputStage(nn.Module):
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
         self.head = ColumnParallelLinear(
-            cfg.hidden_size, cfg.vocab_size, config=_megatron_config(tp_group),
-            init_method=_zeros, bias=True, gather_output=False, tp_group=tp_group,
-        )  # fmt: skip
+            cfg.hidden_size,
+            cfg.vocab_size,
+            config=_megatron_config(tp_group),
+            init_method=_zeros,
+            bias=True,
+            gather_output=False,
+            tp_group=tp_group,
+        )
         self.tp_group = tp_group
 
     def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
@@ -297,8 +331,10 @@ def build_pipeline(
     stages flows (hidden [L, B, d], cond [B, c]), float32. Parameters are float32 whatever
     `compute_dtype`, the autocast dtype of the blocks' and the head's matmuls (§5.5)."""
     tp_group = groups.tp_group
-    blocks = [LayerSpec(DiTBlock, cfg, i + 1, tp_group, causal, compute_dtype)
-              for i in range(cfg.n_layers)]  # fmt: skip
+    blocks = [
+        LayerSpec(DiTBlock, cfg, i + 1, tp_group, causal, compute_dtype)
+        for i in range(cfg.n_layers)
+    ]
     head = LayerSpec(OutputStage, cfg, tp_group, compute_dtype)
     specs = [LayerSpec(InputStage, cfg, tp_group), *blocks, head]
     return PipelineModule(

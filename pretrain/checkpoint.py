@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from dlm_pretrain.data_pipeline.manifest import write_atomic
-from dlm_pretrain.dlm_errors import CheckpointError
+from dlm_pretrain.common.errors import CheckpointError
+from dlm_pretrain.common.files import write_atomic
 from megatron.core import parallel_state
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,13 @@ META_FILE = "dlm_meta.json"  # layout and step, readable before the engine exist
 UNIVERSAL_INFO = {
     "universal_checkpoint_version": 0.2,
     "tp_replicated_parameter_patterns": [
-        r"^\d+\.norm\d?\.weight$", r"^\d+\.modulation\.(weight|bias)$",
-        r"^\d+\.time_embedding\..*$", r"^\d+\.fc2\.bias$",
+        r"^\d+\.norm\d?\.weight$",
+        r"^\d+\.modulation\.(weight|bias)$",
+        r"^\d+\.time_embedding\..*$",
+        r"^\d+\.fc2\.bias$",
     ],
     "parameter_with_row_parallelism_patterns": [r"^\d+\.attn_out\.weight$", r"^\d+\.fc2\.weight$"],
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -116,9 +118,15 @@ def convert_to_universal(run_dir: str | Path) -> None:
     if dist.get_rank() == 0 and not (out / tag).is_dir():
         staging = out.with_name(out.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                   "--input_folder", str(checkpoint_dir(run_dir) / tag),
-                   "--output_folder", str(staging / tag)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(checkpoint_dir(run_dir) / tag),
+            "--output_folder",
+            str(staging / tag),
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise CheckpointError(

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.data_pipeline.config import DataConfig
-from dlm_pretrain.dlm_errors import ConfigError
 from dlm_pretrain.parallel.config import SIZES, ParallelConfig
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
 from dlm_pretrain.pretrain.objectives.mdlm import LOSS_TYPES

@@ -37,9 +37,13 @@ class Throughput:
 
 
 def throughput(
-    sequences: float, seconds: float, seq_len: int, flops_per_sequence: float, devices: int,
+    sequences: float,
+    seconds: float,
+    seq_len: int,
+    flops_per_sequence: float,
+    devices: int,
     peak_flops: float,
-) -> Throughput:  # fmt: skip
+) -> Throughput:
     """Training speed of `sequences` in `seconds` over `devices` (the step line's and the
     smoke check's figures, one definition)."""
     sequences_per_s = sequences / seconds
@@ -55,10 +59,19 @@ def _duration(seconds: float) -> str:
 
 
 def step_line(
-    *, step: int, total: int, tokens: int, flops: float, loss: float, lr: float,
-    grad_norm: float, tokens_per_s: float, flops_per_s_per_device: float, mfu: float,
+    *,
+    step: int,
+    total: int,
+    tokens: int,
+    flops: float,
+    loss: float,
+    lr: float,
+    grad_norm: float,
+    tokens_per_s: float,
+    flops_per_s_per_device: float,
+    mfu: float,
     elapsed_s: float,
-) -> str:  # fmt: skip
+) -> str:
     eta = elapsed_s / max(step, 1) * (total - step)
     return (
         f"step {step:>6}/{total} | tokens {tokens / 1e6:8.2f}M | FLOPs {flops:.3e} | "

@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlm_pretrain.common.errors import CheckpointError
 from dlm_pretrain.data_pipeline import Tokenizer, open_dataset
 from dlm_pretrain.data_pipeline.manifest import TOKENIZER_FILE
-from dlm_pretrain.dlm_errors import CheckpointError
 from dlm_pretrain.parallel.config import ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
@@ -45,9 +45,13 @@ def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
     tokenizer = Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE)
     start = time.perf_counter()
     samples = generate(
-        cfg.objective.name, model.forward_funcs, vocab, sampling, manifest.seq_len,
+        cfg.objective.name,
+        model.forward_funcs,
+        vocab,
+        sampling,
+        manifest.seq_len,
         start_id=tokenizer.special.eos,
-    )  # fmt: skip
+    )
     seconds = time.perf_counter() - start
     step = int(checkpoint.latest_tag(run_dir).removeprefix("step"))
     return RunSamples(

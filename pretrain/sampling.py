@@ -141,8 +141,12 @@ def sample_duo(
         a_ts = a_t / a_s
         e_z = torch.nn.functional.one_hot(x, vocab.size).double()
         x_hat_z = x_hat.gather(-1, x.unsqueeze(-1))
-        q = (k * a_t * x_hat * e_z + (a_ts - a_t) * e_z + (a_s - a_t) * x_hat
-             + (1 - a_ts) * (1 - a_s) / k * real)  # fmt: skip
+        q = (
+            k * a_t * x_hat * e_z
+            + (a_ts - a_t) * e_z
+            + (a_s - a_t) * x_hat
+            + (1 - a_ts) * (1 - a_s) / k * real
+        )
         x = categorical(q / (k * a_t * x_hat_z + 1 - a_t), generator)
     t = torch.full((cfg.num_samples,), T_MIN, device=device)
     x_hat = denoiser(_forward(layers, x, sigma(t)), vocab, 1.0)

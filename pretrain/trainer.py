@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from dlm_pretrain.common.errors import ConfigError, DlmError
 from dlm_pretrain.data_pipeline import Tokenizer, TrainLoader, open_dataset, validation_batches
 from dlm_pretrain.data_pipeline.manifest import TOKENIZER_FILE, Manifest
-from dlm_pretrain.dlm_errors import ConfigError, DlmError
 from dlm_pretrain.parallel.config import ModelConfig
 from dlm_pretrain.parallel.groups import ProcessGroups, Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
@@ -56,9 +56,12 @@ def model_spec(cfg: RunConfig, manifest: Manifest) -> tuple[ModelConfig, Vocab]:
     padding = range(tokenizer_size, padded)
     vocab = Vocab.build(padded, special["mask"], never_in_data=(special["pad"], *padding))
     model = ModelConfig.preset(
-        cfg.model.size, vocab_size=vocab.size, seq_len=manifest.seq_len,
-        dropout=cfg.model.dropout, init_seed=cfg.model.init_seed,
-    )  # fmt: skip
+        cfg.model.size,
+        vocab_size=vocab.size,
+        seq_len=manifest.seq_len,
+        dropout=cfg.model.dropout,
+        init_seed=cfg.model.init_seed,
+    )
     return model, vocab
 
 
@@ -74,9 +77,13 @@ def _train_loss(cfg: RunConfig, vocab: Vocab, tp_group, logits, labels) -> torch
 
 
 def _noised_micro_batches(
-    batches: Iterator, cfg: RunConfig, vocab: Vocab, groups: ProcessGroups, first_step: int,
+    batches: Iterator,
+    cfg: RunConfig,
+    vocab: Vocab,
+    groups: ProcessGroups,
+    first_step: int,
     device: torch.device,
-) -> Iterator[tuple]:  # fmt: skip
+) -> Iterator[tuple]:
     """((xt, s), (x0, xt, t)) per micro-batch on `device`: DeepSpeed hands the inputs to the
     first stage and the labels to the last, each of which runs this generator over the same
     data and so draws the same noise without communicating. Row p of the global batch owns
@@ -99,9 +106,14 @@ def _noised_micro_batches(
 
 @torch.no_grad()
 def validate(
-    module, cfg: RunConfig, model_cfg: ModelConfig, manifest: Manifest, vocab: Vocab, groups,
+    module,
+    cfg: RunConfig,
+    model_cfg: ModelConfig,
+    manifest: Manifest,
+    vocab: Vocab,
+    groups,
     device: torch.device,
-) -> float:  # fmt: skip
+) -> float:
     """The ELBO-based validation loss in nats/token (exact NLL for AR), summed in float64
     on the last stage over all data ranks. t of sequence i is stratum i mod G of validation
     batch i // G, so the figure does not depend on the layout."""
@@ -110,9 +122,13 @@ def validate(
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
     module.eval()
     for batch in validation_batches(
-        cfg.data.path, manifest, micro_batch_size=cfg.train.micro_batch, dp_rank=groups.dp_rank,
-        dp_size=groups.dp_size, max_sequences=cfg.train.val_sequences or None,
-    ):  # fmt: skip
+        cfg.data.path,
+        manifest,
+        micro_batch_size=cfg.train.micro_batch,
+        dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size,
+        max_sequences=cfg.train.val_sequences or None,
+    ):
         step = int(batch.sample_ids[0]) // g  # read on the host, before the copy
         batch = batch.to(device)
         ids = batch.sample_ids
@@ -247,27 +263,50 @@ def _setup(
     torch.manual_seed(cfg.model.init_seed + DROPOUT_SEED_STRIDE * groups.pp_rank)
     loss_fn = partial(_train_loss, cfg, vocab, groups.tp_group)
     model = build_pipeline(
-        model_cfg, groups, objective.CAUSAL, loss_fn=loss_fn, partition=cfg.parallel.partition,
+        model_cfg,
+        groups,
+        objective.CAUSAL,
+        loss_fn=loss_fn,
+        partition=cfg.parallel.partition,
         compute_dtype=runtime.dtype,
-    )  # fmt: skip
+    )
     engine = build_engine(model, cfg.train, cfg.optim, groups, total_steps, new_dp_size)
     loader = TrainLoader(
-        cfg.data.path, manifest, micro_batch_size=cfg.train.micro_batch,
-        dp_rank=groups.dp_rank, dp_size=groups.dp_size, num_workers=cfg.data.num_workers,
-        seed=cfg.data.seed, pin_memory=runtime.device.type == "cuda",
-    )  # fmt: skip
+        cfg.data.path,
+        manifest,
+        micro_batch_size=cfg.train.micro_batch,
+        dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.data.seed,
+        pin_memory=runtime.device.type == "cuda",
+    )
     _write_config(cfg, run_dir, model_cfg, total_steps, flops_per_seq)
     tracker = Tracker(
-        cfg.tracking.uri or default_tracking_uri(run_dir), cfg.tracking.experiment, run_dir,
+        cfg.tracking.uri or default_tracking_uri(run_dir),
+        cfg.tracking.experiment,
+        run_dir,
         active=dist.get_rank() == 0,
-    )  # fmt: skip
+    )
     tracker.log_params(cfg.flat())
     tracker.log_artifact(run_dir / "config.yaml")
     r = _Run(
-        cfg, runtime, groups, manifest, model_cfg, vocab, engine, loader, tracker,
-        Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE), run_dir, layout, total_steps,
-        flops_per_seq, device_peak_flops(cfg.train.peak_flops),
-    )  # fmt: skip
+        cfg,
+        runtime,
+        groups,
+        manifest,
+        model_cfg,
+        vocab,
+        engine,
+        loader,
+        tracker,
+        Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE),
+        run_dir,
+        layout,
+        total_steps,
+        flops_per_seq,
+        device_peak_flops(cfg.train.peak_flops),
+    )
     state = checkpoint.LoopState()
     loaded = checkpoint.load(engine, run_dir, layout, universal=new_dp_size)
     if loaded is not None:
@@ -284,8 +323,13 @@ def _write_config(cfg: RunConfig, run_dir: Path, model_cfg, total_steps, flops_p
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(resolved)
         log.info("configuration:\n%s", resolved)
-        log.info("%s: %d steps of %d sequences, %.3g training FLOPs per sequence",
-                 model_cfg, total_steps, cfg.train.global_batch, flops_per_seq)  # fmt: skip
+        log.info(
+            "%s: %d steps of %d sequences, %.3g training FLOPs per sequence",
+            model_cfg,
+            total_steps,
+            cfg.train.global_batch,
+            flops_per_seq,
+        )
     dist.barrier()
 
 
@@ -305,8 +349,13 @@ def _record_step(r: _Run, state, loss: float, grad_norm: float, bad_in_a_row: in
         return 0
     bad_in_a_row += 1
     state.skipped_steps += 1
-    log.warning("step %d: non-finite loss %s or grad norm %s, update skipped (%d in a row)",
-                state.step, loss, grad_norm, bad_in_a_row)  # fmt: skip
+    log.warning(
+        "step %d: non-finite loss %s or grad norm %s, update skipped (%d in a row)",
+        state.step,
+        loss,
+        grad_norm,
+        bad_in_a_row,
+    )
     if bad_in_a_row >= r.cfg.train.max_bad_steps:
         _save(r, state)
         raise DivergenceError(
@@ -320,22 +369,42 @@ def _log_step(r: _Run, state, loss: float, grad_norm: float, clock: tuple[float,
     start, start_step = clock
     elapsed = time.perf_counter() - start
     speed = throughput(
-        (state.step - start_step) * r.cfg.train.global_batch, elapsed, r.manifest.seq_len,
-        r.flops_per_seq, dist.get_world_size(), r.peak_flops,
-    )  # fmt: skip
+        (state.step - start_step) * r.cfg.train.global_batch,
+        elapsed,
+        r.manifest.seq_len,
+        r.flops_per_seq,
+        dist.get_world_size(),
+        r.peak_flops,
+    )
     lr = r.engine.get_lr()[0]
     tokens_seen = state.consumed_samples * r.manifest.seq_len
-    log.info(step_line(
-        step=state.step, total=r.total_steps, tokens=tokens_seen, flops=state.flops, loss=loss,
-        lr=lr, grad_norm=grad_norm, tokens_per_s=speed.tokens_per_s,
-        flops_per_s_per_device=speed.flops_per_s_per_device, mfu=speed.mfu, elapsed_s=elapsed,
-    ))  # fmt: skip
+    log.info(
+        step_line(
+            step=state.step,
+            total=r.total_steps,
+            tokens=tokens_seen,
+            flops=state.flops,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=speed.tokens_per_s,
+            flops_per_s_per_device=speed.flops_per_s_per_device,
+            mfu=speed.mfu,
+            elapsed_s=elapsed,
+        )
+    )
     r.tracker.log_metrics(
-        {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-         "train/tokens_per_s": speed.tokens_per_s, "train/tokens": tokens_seen,
-         "train/flops": state.flops, "train/skipped_steps": state.skipped_steps},
+        {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": speed.tokens_per_s,
+            "train/tokens": tokens_seen,
+            "train/flops": state.flops,
+            "train/skipped_steps": state.skipped_steps,
+        },
         state.step,
-    )  # fmt: skip
+    )
 
 
 def _save(r: _Run, state) -> None:
@@ -360,10 +429,13 @@ def _validate_and_sample(r: _Run, state) -> None:
 def _write_samples(r: _Run, step: int) -> None:
     """Every rank samples (tensor ranks gather the logits together); rank 0 writes."""
     samples = generate(
-        r.cfg.objective.name, r.engine.module.forward_funcs, r.vocab,
+        r.cfg.objective.name,
+        r.engine.module.forward_funcs,
+        r.vocab,
         SamplingConfig(steps=r.cfg.train.sample_steps, num_samples=r.cfg.train.num_samples),
-        r.manifest.seq_len, start_id=r.tokenizer.special.eos,
-    )  # fmt: skip
+        r.manifest.seq_len,
+        start_id=r.tokenizer.special.eos,
+    )
     r.engine.module.train()
     if not r.is_logger:
         return

@@ -36,8 +36,12 @@ DEVICE = torch.device("lazy", 0)
 BACKEND = "cpu:gloo,lazy:gloo"  # collectives on device tensors go through gloo
 REPO = Path(__file__).resolve().parents[1]
 aten = torch.ops.aten
-_INDEX_OPS = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
-              aten._index_put_impl_.default)  # fmt: skip
+_INDEX_OPS = (
+    aten.index.Tensor,
+    aten.index_put.default,
+    aten.index_put_.default,
+    aten._index_put_impl_.default,
+)
 _SHAPE_SYNCS = ("aten.nonzero", "aten.masked_select", "aten._unique", "aten.unique")
 
 
@@ -94,9 +98,15 @@ class DeviceTensor(torch.Tensor):
     def __new__(cls, elem: torch.Tensor, requires_grad: bool | None = None) -> DeviceTensor:
         grad = elem.requires_grad if requires_grad is None else requires_grad
         wrapper = torch.Tensor._make_wrapper_subclass(
-            cls, elem.size(), strides=elem.stride(), storage_offset=elem.storage_offset(),
-            dtype=elem.dtype, layout=elem.layout, device=DEVICE, requires_grad=grad,
-        )  # fmt: skip
+            cls,
+            elem.size(),
+            strides=elem.stride(),
+            storage_offset=elem.storage_offset(),
+            dtype=elem.dtype,
+            layout=elem.layout,
+            device=DEVICE,
+            requires_grad=grad,
+        )
         wrapper.elem = elem
         return wrapper
 
@@ -276,8 +286,12 @@ def fake_accelerator() -> Iterator[Transfers]:
     """The fake device for the code inside; yields the (already recording) transfer log."""
     from deepspeed import accelerator
 
-    saved = (accelerator.get_accelerator(), torch.autocast, torch.is_autocast_enabled,
-             torch.get_autocast_dtype)  # fmt: skip
+    saved = (
+        accelerator.get_accelerator(),
+        torch.autocast,
+        torch.is_autocast_enabled,
+        torch.get_autocast_dtype,
+    )
     cpu = lambda device_type: "cpu" if device_type == DEVICE.type else device_type  # noqa: E731
     torch.autocast = _Autocast
     torch.is_autocast_enabled = lambda device_type=None: saved[2](cpu(device_type or "cuda"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import random_documents, write_jsonl
+from dlm_pretrain.common.errors import ConfigError, DataError
 from dlm_pretrain.data_pipeline import (
     PrepareConfig,
     TrainLoader,
@@ -20,7 +21,6 @@ from dlm_pretrain.data_pipeline import (
     prepare_dataset,
     verify_dataset,
 )
-from dlm_pretrain.dlm_errors import ConfigError, DataError
 from dlm_pretrain.launch.cli import main
 
 
@@ -49,9 +49,13 @@ def test_unsupported_file_type(tmp_path):
 
 @pytest.mark.parametrize(
     ("key", "value", "match"),
-    [("seq_len", 1, "seq_len=1"), ("val_fraction", 1.0, "val_fraction=1.0"),
-     ("shard_size", 0, "shard_size=0"), ("vocab_size", 100, "vocab_size=100")],
-)  # fmt: skip
+    [
+        ("seq_len", 1, "seq_len=1"),
+        ("val_fraction", 1.0, "val_fraction=1.0"),
+        ("shard_size", 0, "shard_size=0"),
+        ("vocab_size", 100, "vocab_size=100"),
+    ],
+)
 def test_config_values_are_checked_on_construction(tmp_path, key, value, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(tmp_path, [], **{key: value})
@@ -146,9 +150,24 @@ def test_killed_prepare_leaves_no_dataset_and_a_rerun_cleans_up(tmp_path, datase
     out = tmp_path / "out"
     shutil.copytree(dataset, out)  # an older finished dataset in the same place
     (out / "train/shard-999999.tar").write_bytes(b"stale")
-    cmd = [sys.executable, "-m", "dlm_pretrain.launch.cli", "prepare", "--out", str(out),
-           "--corpus", str(corpus), "--vocab-size", "400", "--seq-len", "64",
-           "--shard-size", "50", "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dlm_pretrain.launch.cli",
+        "prepare",
+        "--out",
+        str(out),
+        "--corpus",
+        str(corpus),
+        "--vocab-size",
+        "400",
+        "--seq-len",
+        "64",
+        "--shard-size",
+        "50",
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(out.glob("train/*.tar.tmp")) and time.time() < deadline:

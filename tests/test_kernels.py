@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.pretrain.kernels import KERNELS_ENV, chunked
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
 from dlm_pretrain.pretrain.objectives.vocab import Vocab

@@ -26,8 +26,15 @@ UNFINISHED = ("train.steps=1000", "train.checkpoint_every=1000", "train.val_ever
 
 
 def _dlm_train(dataset: Path, run_dir: Path, *options: str, extra=()) -> list[str]:
-    return [sys.executable, "-m", "dlm_pretrain.launch.cli", "train", "default", *options,
-            *_overrides(dataset, run_dir, *extra)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "dlm_pretrain.launch.cli",
+        "train",
+        "default",
+        *options,
+        *_overrides(dataset, run_dir, *extra),
+    ]
 
 
 def _saved_step(run_dir: Path) -> int:
@@ -90,8 +97,9 @@ def test_sigusr1_to_dlm_train_saves_on_every_rank_exits_0_and_resumes(dataset, t
     saved = _saved_step(run_dir)
     assert 3 <= saved < 1000
     assert _saved_layout(run_dir)["data"] == 2
-    resumed = _launch(_torchrun(dataset, run_dir, 2, *UNFINISHED, f"train.steps={saved + 1}"),
-                      run_dir)  # fmt: skip
+    resumed = _launch(
+        _torchrun(dataset, run_dir, 2, *UNFINISHED, f"train.steps={saved + 1}"), run_dir
+    )
     try:
         assert resumed.wait(timeout=300) == 0
     finally:
@@ -133,8 +141,13 @@ def test_a_second_sigint_kills_every_process_of_the_run(dataset, tmp_path):
 def test_hostfile_without_nproc_uses_every_slot(dataset, tmp_path):
     (tmp_path / "hostfile").write_text("# one node\nlocalhost slots=2\n")
     run_dir = tmp_path / "hostfile-run"
-    command = _dlm_train(dataset, run_dir, "--hostfile", str(tmp_path / "hostfile"),
-                         extra=("train.steps=2", "train.val_every=1000"))  # fmt: skip
+    command = _dlm_train(
+        dataset,
+        run_dir,
+        "--hostfile",
+        str(tmp_path / "hostfile"),
+        extra=("train.steps=2", "train.val_every=1000"),
+    )
     try:
         assert _launch(command, run_dir).wait(timeout=300) == 0
     finally:
@@ -171,12 +184,25 @@ def test_srun_without_a_launcher_trains_data_parallel(dataset, tmp_path):
     LOCAL_RANK or MASTER_ADDR."""
     run_dir = tmp_path / "srun"
     torch_variables = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
-    env = {k: v for k, v in ONE_THREAD.items()
-           if k not in torch_variables and not k.startswith("SLURM_")}  # fmt: skip
-    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
-             "SLURM_STEP_ID": "0", "MASTER_PORT": str(_free_port())}  # fmt: skip
-    command = [sys.executable, "-m", "dlm_pretrain.launch.train", "default",
-               *_overrides(dataset, run_dir, "train.steps=3", "train.val_every=1000")]  # fmt: skip
+    env = {
+        k: v
+        for k, v in ONE_THREAD.items()
+        if k not in torch_variables and not k.startswith("SLURM_")
+    }
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "MASTER_PORT": str(_free_port()),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "dlm_pretrain.launch.train",
+        "default",
+        *_overrides(dataset, run_dir, "train.steps=3", "train.val_every=1000"),
+    ]
     tasks = []
     with open(tmp_path / "srun.log", "w") as log:
         for rank in (0, 1):
@@ -195,14 +221,24 @@ def test_expand_nodelist():
     assert expand_nodelist("gpu[03-05,9],login1") == ["gpu03", "gpu04", "gpu05", "gpu9", "login1"]
     assert expand_nodelist("n[8-11]") == ["n8", "n9", "n10", "n11"]
     assert expand_nodelist("n[098-101]") == ["n098", "n099", "n100", "n101"]
-    assert expand_nodelist("rack[1-2]-gpu[1,3]") == ["rack1-gpu1", "rack1-gpu3", "rack2-gpu1",
-                                                     "rack2-gpu3"]  # fmt: skip
+    assert expand_nodelist("rack[1-2]-gpu[1,3]") == [
+        "rack1-gpu1",
+        "rack1-gpu3",
+        "rack2-gpu1",
+        "rack2-gpu3",
+    ]
     assert expand_nodelist("a,b[2],10.0.0.1") == ["a", "b2", "10.0.0.1"]
 
 
 # Task 5 of 8, the second on its node, as srun starts it.
-SRUN_TASK = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}  # fmt: skip
+SRUN_TASK = {
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_JOB_ID": "123456",
+}
 
 
 def _unset_launcher_variables(monkeypatch) -> None:
@@ -220,7 +256,11 @@ def test_environment_from_slurm(monkeypatch):
         monkeypatch.setenv(key, value)
     environment_from_slurm()
     assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
-        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07"}  # fmt: skip
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu07",
+    }
     assert 1024 <= int(os.environ["MASTER_PORT"]) < 32768  # unprivileged, not ephemeral
     monkeypatch.setenv("MASTER_PORT", "29999")
     monkeypatch.delenv("WORLD_SIZE")

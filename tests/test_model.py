@@ -9,8 +9,14 @@ from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 
 # json "params" of the reference's configs/flops (ALGORITHMS.md §5.7, in millions, V = 32001)
-REFERENCE_PARAMS_M = {"6M": 22.45, "19M": 41.31, "113M": 141.57, "302M": 306.77,
-                      "944M": 836.57, "2121M": 1778.50}  # fmt: skip
+REFERENCE_PARAMS_M = {
+    "6M": 22.45,
+    "19M": 41.31,
+    "113M": 141.57,
+    "302M": 306.77,
+    "944M": 836.57,
+    "2121M": 1778.50,
+}
 
 
 @pytest.fixture(scope="module")

@@ -62,8 +62,10 @@ def test_mdlm_matches_reference(loss_type):
     ref = torch.where(xt == VOCAB.mask_id, ce * weight, 0.0)
     got = mdlm.per_token_loss(logits, x0, xt, t, VOCAB, loss_type=loss_type)
     assert _rel_err(got, ref) < 1e-5
-    assert torch.equal(mdlm.validation_loss(logits, x0, xt, t, VOCAB),
-                       mdlm.per_token_loss(logits, x0, xt, t, VOCAB, loss_type="elbo"))  # fmt: skip
+    assert torch.equal(
+        mdlm.validation_loss(logits, x0, xt, t, VOCAB),
+        mdlm.per_token_loss(logits, x0, xt, t, VOCAB, loss_type="elbo"),
+    )
 
 
 def _duo_compact(logits, x0, xt, t, vocab: Vocab = VOCAB):

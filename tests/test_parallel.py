@@ -30,8 +30,14 @@ STEPS = 10
 # adaLN-Zero: the head and every gate start at zero, so step 1 has non-zero gradients only in
 # the head, step 2 also in the modulations, and step 3 in every parameter.
 GRADIENT_STEPS = (1, 3)
-SETTINGS = ["model.size=tiny", "train.global_batch=16", "train.micro_batch=8",
-            f"train.steps={STEPS}", "optim.min_warmup_steps=3", "optim.lr=3e-3"]  # fmt: skip
+SETTINGS = [
+    "model.size=tiny",
+    "train.global_batch=16",
+    "train.micro_batch=8",
+    f"train.steps={STEPS}",
+    "optim.min_warmup_steps=3",
+    "optim.lr=3e-3",
+]
 LAYOUTS = {  # name -> (processes, data-parallel size, overrides)
     "tp2": (2, 1, ["parallel.tensor=2"]),
     "pp2": (2, 1, ["parallel.pipeline=2"]),
@@ -67,10 +73,17 @@ def _train_each_objective(
     workers = 2 // dp  # two reader streams in every layout
     for name in names:
         run_dir = out / name
-        cfg = load_config("default", [
-            f"data.path={dataset}", f"train.run_dir={run_dir}", f"objective.name={name}",
-            f"data.num_workers={workers}", *SETTINGS, *extra,
-        ])  # fmt: skip
+        cfg = load_config(
+            "default",
+            [
+                f"data.path={dataset}",
+                f"train.run_dir={run_dir}",
+                f"objective.name={name}",
+                f"data.num_workers={workers}",
+                *SETTINGS,
+                *extra,
+            ],
+        )
         r, _ = trainer._setup(cfg, flops_fn(cfg))
         module = r.engine.module
         grads = _capture_gradients(module)
@@ -81,8 +94,9 @@ def _train_each_objective(
         for step in range(1, STEPS + 1):
             losses.append(r.engine.train_batch(data_iter=batches).item())
             if step in GRADIENT_STEPS:
-                result.update({(step, n): _full_gradient(params[n], g, r.groups)
-                               for n, g in grads.items()})  # fmt: skip
+                result.update(
+                    {(step, n): _full_gradient(params[n], g, r.groups) for n, g in grads.items()}
+                )
         if r.groups.tp_rank == 0 and r.groups.dp_rank == 0:
             torch.save(result, run_dir / f"grads-stage{r.groups.pp_rank}.pt")
             (run_dir / "losses.json").write_text(json.dumps(losses))

@@ -22,8 +22,9 @@ BF16_ROUNDING = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 def _setup(dataset: Path, run_dir: Path, *extra: str):
     cfg = load_config("default", _overrides(dataset, run_dir, "data.num_workers=0", *extra))
     r, _ = trainer._setup(cfg, flops_fn(cfg))
-    batches = trainer._noised_micro_batches(iter(r.loader), cfg, r.vocab, r.groups, 0,
-                                            r.runtime.device)  # fmt: skip
+    batches = trainer._noised_micro_batches(
+        iter(r.loader), cfg, r.vocab, r.groups, 0, r.runtime.device
+    )
     return r, batches
 
 
@@ -57,8 +58,14 @@ def test_a_bf16_run_keeps_parameters_gradients_and_optimizer_state_in_float32(da
 def _step_gradients(dataset: Path, run_dir: Path, dtype: str, micro_batch: int):
     """Every parameter's gradient of the first step of a global batch of 16 sequences,
     accumulated over 16 / micro_batch micro-batches, and each micro-batch's share."""
-    r, batches = _setup(dataset, run_dir, f"train.dtype={dtype}", "train.steps=1",
-                        f"train.micro_batch={micro_batch}", "train.global_batch=16")  # fmt: skip
+    r, batches = _setup(
+        dataset,
+        run_dir,
+        f"train.dtype={dtype}",
+        "train.steps=1",
+        f"train.micro_batch={micro_batch}",
+        "train.global_batch=16",
+    )
     module = r.engine.module
     _perturb(module)
     shares = {n: [] for n, _ in module.named_parameters()}

@@ -125,8 +125,12 @@ def test_trained_tokenizer_has_mask_and_round_trips_text(dataset):
     assert tok.decode(tok.encode([text])[0]) == text
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["tokenizer"]["special_ids"] == {
-        "bos": 1, "eos": 2, "unk": 0, "pad": 3, "mask": tok.special.mask,
-    }  # fmt: skip
+        "bos": 1,
+        "eos": 2,
+        "unk": 0,
+        "pad": 3,
+        "mask": tok.special.mask,
+    }
 
 
 def test_existing_tokenizer_without_mask_gets_it_appended(tmp_path):

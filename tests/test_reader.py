@@ -14,9 +14,14 @@ from dlm_pretrain.data_pipeline.order import drop_prefix, merge, split_even
 
 def _loader(dataset, *, dp_rank=0, dp_size=1, workers=0, micro=8, seed=0) -> TrainLoader:
     return TrainLoader(
-        dataset, open_dataset(dataset), micro_batch_size=micro, dp_rank=dp_rank,
-        dp_size=dp_size, num_workers=workers, seed=seed,
-    )  # fmt: skip
+        dataset,
+        open_dataset(dataset),
+        micro_batch_size=micro,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=workers,
+        seed=seed,
+    )
 
 
 def _take(loader: TrainLoader, n: int) -> list:
@@ -160,7 +165,7 @@ def test_validation_order_is_independent_of_the_number_of_ranks(dataset):
 
 
 def test_layout_that_cannot_be_served_is_refused(dataset):
-    from dlm_pretrain.dlm_errors import DataError
+    from dlm_pretrain.common.errors import DataError
 
     n = open_dataset(dataset).splits["train"].sequences
     with pytest.raises(DataError, match="fewer than the"):

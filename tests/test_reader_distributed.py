@@ -21,9 +21,14 @@ MICRO = 8
 
 def _loader(root: Path, dp_rank: int, dp_size: int) -> TrainLoader:
     return TrainLoader(
-        root, open_dataset(root), micro_batch_size=MICRO, dp_rank=dp_rank, dp_size=dp_size,
-        num_workers=1, seed=3,
-    )  # fmt: skip
+        root,
+        open_dataset(root),
+        micro_batch_size=MICRO,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=1,
+        seed=3,
+    )
 
 
 def _take(loader, n):

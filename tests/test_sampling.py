@@ -69,8 +69,14 @@ def test_trained_model_samples_reproduce_the_pattern(name):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    samples = generate(name, model.forward_funcs, VOCAB, SamplingConfig(steps=128, num_samples=8),
-                       L, start_id=int(CYCLE[0]))  # fmt: skip
+    samples = generate(
+        name,
+        model.forward_funcs,
+        VOCAB,
+        SamplingConfig(steps=128, num_samples=8),
+        L,
+        start_id=int(CYCLE[0]),
+    )
     assert samples.tokens.shape == (8, L)
     assert torch.isin(samples.tokens, VOCAB.real_ids).all()
     # random ids score ~1/12; MDLM reveals some tokens in parallel before it has context,

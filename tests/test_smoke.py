@@ -11,10 +11,21 @@ from dlm_pretrain.launch.smoke import main
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 
-CHECKS = ["devices", "collectives", "kernel cross-entropy float32", "kernel duo float32",
-          "kernel cross-entropy bfloat16", "kernel duo bfloat16", "kernel noise mdlm",
-          "kernel noise duo", "training", "sample", "checkpoint reload", "throughput",
-          "smoke check"]  # fmt: skip
+CHECKS = [
+    "devices",
+    "collectives",
+    "kernel cross-entropy float32",
+    "kernel duo float32",
+    "kernel cross-entropy bfloat16",
+    "kernel duo bfloat16",
+    "kernel noise mdlm",
+    "kernel noise duo",
+    "training",
+    "sample",
+    "checkpoint reload",
+    "throughput",
+    "smoke check",
+]
 QUICK = ["--size", "tiny", "optim.lr=3e-3"]  # as tests/test_train.py's BASE
 
 

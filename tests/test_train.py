@@ -22,8 +22,15 @@ from dlm_pretrain.pretrain.trainer import run
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 
-BASE = ["model.size=tiny", "train.log_every=5", "train.val_sequences=32", "train.num_samples=1",
-        "train.sample_steps=8", "optim.min_warmup_steps=5", "optim.lr=3e-3"]  # fmt: skip
+BASE = [
+    "model.size=tiny",
+    "train.log_every=5",
+    "train.val_sequences=32",
+    "train.num_samples=1",
+    "train.sample_steps=8",
+    "optim.min_warmup_steps=5",
+    "optim.lr=3e-3",
+]
 
 
 def _overrides(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -88,8 +95,9 @@ def _dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -> None:
 def test_data_parallel_2_equals_one_process(dataset, tmp_path):
     """The same global batches: one process with two loader workers reads the same two
     streams as two ranks with one worker each (16 = 2 x 8 sequences per step)."""
-    one = _train(dataset, tmp_path / "dp1", "train.steps=10", "data.num_workers=2",
-                 "train.micro_batch=8")  # fmt: skip
+    one = _train(
+        dataset, tmp_path / "dp1", "train.steps=10", "data.num_workers=2", "train.micro_batch=8"
+    )
     run_distributed(_dp2, 2, dataset, tmp_path / "dp2")
     a, b = _losses(one), _losses(tmp_path / "dp2")
     assert a.keys() == b.keys() == set(range(1, 11))
@@ -109,9 +117,19 @@ def _launch(args: list[str], run_dir: Path) -> subprocess.Popen:
 
 
 def _torchrun(dataset: Path, run_dir: Path, nproc: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(_free_port()), "-m", "dlm_pretrain.launch.train", "default",
-            *_overrides(dataset, run_dir, *extra)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "dlm_pretrain.launch.train",
+        "default",
+        *_overrides(dataset, run_dir, *extra),
+    ]
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
@@ -133,14 +151,29 @@ def test_sigkill_and_resume_reproduce_every_loss(dataset, tmp_path, nproc, layou
     """A run through the deepspeed launcher uninterrupted, against the same run through
     torchrun killed with SIGKILL at step 5 and started again: bitwise equal losses. The
     tensor 2 x pipeline 2 run also equals one process (within 1e-5)."""
-    steps = ["train.steps=12", "train.checkpoint_every=4", "train.val_every=100",
-             "data.num_workers=1", *layout]  # fmt: skip
+    steps = [
+        "train.steps=12",
+        "train.checkpoint_every=4",
+        "train.val_every=100",
+        "data.num_workers=1",
+        *layout,
+    ]
     straight = tmp_path / "straight"
     code = subprocess.call(
-        [sys.executable, "-m", "dlm_pretrain.launch.cli", "train", "default", "--nproc", str(nproc),
-         *_overrides(dataset, straight, *steps)],
-        env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "dlm_pretrain.launch.cli",
+            "train",
+            "default",
+            "--nproc",
+            str(nproc),
+            *_overrides(dataset, straight, *steps),
+        ],
+        env=ONE_THREAD,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     assert code == 0
     killed = tmp_path / "killed"
     proc = _launch(_torchrun(dataset, killed, nproc, *steps), killed)
@@ -153,8 +186,9 @@ def test_sigkill_and_resume_reproduce_every_loss(dataset, tmp_path, nproc, layou
     if layout:
         one = _train(dataset, tmp_path / "one", *steps[: -len(layout)])
         reference = _losses(one)
-        assert all(abs(reference[s] - x) <= 1e-5 * abs(reference[s])
-                   for s, x in _losses(straight).items())  # fmt: skip
+        assert all(
+            abs(reference[s] - x) <= 1e-5 * abs(reference[s]) for s, x in _losses(straight).items()
+        )
         # one process samples from the merged shards what it samples from its own run
         sampling = SamplingConfig(steps=4, num_samples=2)
         assert sample_run(straight, sampling).texts == sample_run(one, sampling).texts
@@ -184,8 +218,12 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(dataset, tmp_path):
     run_dir = tmp_path / "atomic"
 
     def command(steps: int) -> list[str]:
-        extra = ("model.size=19M", f"train.steps={steps}", "train.checkpoint_every=1",
-                 "train.val_every=1000")  # fmt: skip
+        extra = (
+            "model.size=19M",
+            f"train.steps={steps}",
+            "train.checkpoint_every=1",
+            "train.val_every=1000",
+        )
         return [
             sys.executable,
             "-m",
@@ -219,8 +257,15 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path):
     from dlm_pretrain.pretrain.trainer import DivergenceError
 
     with pytest.raises(DivergenceError, match="3 non-finite steps in a row"):
-        _train(dataset, tmp_path / "diverged", "optim.lr=1e30", "optim.min_lr=1e29",
-               "train.steps=20", "train.max_bad_steps=3", "optim.min_warmup_steps=1")  # fmt: skip
+        _train(
+            dataset,
+            tmp_path / "diverged",
+            "optim.lr=1e30",
+            "optim.min_lr=1e29",
+            "train.steps=20",
+            "train.max_bad_steps=3",
+            "optim.min_warmup_steps=1",
+        )
     records = [
         json.loads(x) for x in (tmp_path / "diverged/train_log.jsonl").read_text().split("\n") if x
     ]
@@ -245,8 +290,14 @@ def test_resume_in_one_process_and_on_another_data_parallel_size(dataset, tmp_pa
 
 
 def _continue_on_dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -> None:
-    _train(dataset, run_dir, "train.steps=12", "train.checkpoint_every=4", "train.val_every=100",
-           "data.num_workers=1")  # fmt: skip
+    _train(
+        dataset,
+        run_dir,
+        "train.steps=12",
+        "train.checkpoint_every=4",
+        "train.val_every=100",
+        "data.num_workers=1",
+    )
 
 
 def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
@@ -257,13 +308,18 @@ def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
     cfg = load_config("default", _overrides(dataset, tmp_path / "budget"))
     model_cfg, _ = model_spec(cfg, open_dataset(dataset))
     per_step = training_flops_per_sequence(model_cfg, "mdlm", model_cfg.seq_len) * 16
-    _train(dataset, tmp_path / "budget", "train.steps=0", f"train.flops_budget={7.5 * per_step}",
-           "train.val_every=100")  # fmt: skip
+    _train(
+        dataset,
+        tmp_path / "budget",
+        "train.steps=0",
+        f"train.flops_budget={7.5 * per_step}",
+        "train.val_every=100",
+    )
     assert sorted(_losses(tmp_path / "budget")) == list(range(1, 8))
 
 
 def test_a_dataset_that_does_not_match_the_run_is_refused(dataset, tmp_path):
-    from dlm_pretrain.dlm_errors import DataError
+    from dlm_pretrain.common.errors import DataError
 
     with pytest.raises(DataError, match="seq_len=128"):
         _train(dataset, tmp_path / "mismatch", "train.steps=1", "data.seq_len=128")
@@ -284,7 +340,7 @@ def test_vocabulary_is_padded_and_padding_is_never_real(dataset):
 
 
 def test_config_overrides_are_strict(dataset):
-    from dlm_pretrain.dlm_errors import ConfigError
+    from dlm_pretrain.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"did you mean train\.steps"):
         load_config("default", ["train.stpes=3"])

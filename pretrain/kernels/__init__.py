@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.common.errors import ConfigError
 from torch import Tensor
 
 KERNELS_ENV = "DLM_KERNELS"  # "triton" or "chunked" overrides the choice by device

@@ -41,8 +41,9 @@ def backend(logits: Tensor) -> ModuleType:
 
 def all_rows(logits: Tensor) -> Rows:
     """Every position of logits [..., W], as index tensors (row-major order)."""
-    grid = torch.meshgrid(*(torch.arange(n, device=logits.device) for n in logits.shape[:-1]),
-                          indexing="ij")  # fmt: skip
+    grid = torch.meshgrid(
+        *(torch.arange(n, device=logits.device) for n in logits.shape[:-1]), indexing="ij"
+    )
     return tuple(index.flatten() for index in grid)
 
 
@@ -132,10 +133,17 @@ class _DuoStatistics(torch.autograd.Function):
         logits, shard_real, x_local, z_local, r, lse, e, p_x, p_z = ctx.saved_tensors
         out = torch.empty_like(logits)
         ctx.kernels.duo_backward(
-            logits, ctx.rows, shard_real, lse, r, out,
-            grad_d=grad_d, common=grad_d * e + grad_x * p_x + grad_z * p_z,
-            at_x=(x_local, grad_x * p_x), at_z=(z_local, grad_z * p_z),
-        )  # fmt: skip
+            logits,
+            ctx.rows,
+            shard_real,
+            lse,
+            r,
+            out,
+            grad_d=grad_d,
+            common=grad_d * e + grad_x * p_x + grad_z * p_z,
+            at_x=(x_local, grad_x * p_x),
+            at_z=(z_local, grad_z * p_z),
+        )
         return out, None, None, None, None, None
 
 

@@ -81,9 +81,21 @@ def _duo_sums_kernel(logits, offsets, real, lse, r, d_out, e_out, width, BLOCK: 
 
 @triton.jit
 def _duo_backward_kernel(
-    logits, out, offsets, real, lse, r, grad_d, common, x_ids, x_coef, z_ids, z_coef, width,
+    logits,
+    out,
+    offsets,
+    real,
+    lse,
+    r,
+    grad_d,
+    common,
+    x_ids,
+    x_coef,
+    z_ids,
+    z_coef,
+    width,
     BLOCK: tl.constexpr,
-):  # fmt: skip
+):
     """float32, as the twin: nothing cancels in the gradient."""
     row = tl.program_id(0)
     offset = tl.load(offsets + row)
@@ -107,33 +119,60 @@ def max_sumexp(logits: Tensor, rows, real: Tensor) -> tuple[Tensor, Tensor]:
     n = len(rows[0])
     shift, total = (torch.empty(n, device=logits.device) for _ in range(2))
     _max_sumexp_kernel[(n,)](
-        logits, _row_offsets(logits, rows), real.to(torch.int8), shift, total, logits.shape[-1],
+        logits,
+        _row_offsets(logits, rows),
+        real.to(torch.int8),
+        shift,
+        total,
+        logits.shape[-1],
         BLOCK=BLOCK,
-    )  # fmt: skip
+    )
     return shift, total
 
 
 def cross_entropy_backward(logits, rows, real, lse, targets, grad, out) -> None:
     _cross_entropy_backward_kernel[(len(rows[0]),)](
-        logits, out, _row_offsets(logits, rows), real.to(torch.int8), lse.contiguous(),
-        targets.contiguous(), grad.float().contiguous(), logits.shape[-1], BLOCK=BLOCK,
-    )  # fmt: skip
+        logits,
+        out,
+        _row_offsets(logits, rows),
+        real.to(torch.int8),
+        lse.contiguous(),
+        targets.contiguous(),
+        grad.float().contiguous(),
+        logits.shape[-1],
+        BLOCK=BLOCK,
+    )
 
 
 def duo_sums(logits: Tensor, rows, real: Tensor, lse: Tensor, r: Tensor) -> Tensor:
     sums = torch.empty(2, len(rows[0]), dtype=torch.float64, device=logits.device)
     _duo_sums_kernel[(len(rows[0]),)](
-        logits, _row_offsets(logits, rows), real.to(torch.int8), lse.contiguous(),
-        r.double().contiguous(), sums[0], sums[1], logits.shape[-1], BLOCK=BLOCK,
-    )  # fmt: skip
+        logits,
+        _row_offsets(logits, rows),
+        real.to(torch.int8),
+        lse.contiguous(),
+        r.double().contiguous(),
+        sums[0],
+        sums[1],
+        logits.shape[-1],
+        BLOCK=BLOCK,
+    )
     return sums
 
 
 def duo_backward(logits, rows, real, lse, r, out, *, grad_d, common, at_x, at_z) -> None:
     (x_ids, x_coef), (z_ids, z_coef) = at_x, at_z
     _duo_backward_kernel[(len(rows[0]),)](
-        logits, out, _row_offsets(logits, rows), real.to(torch.int8), lse.contiguous(),
-        *(v.float().contiguous() for v in (r, grad_d, common)), x_ids.contiguous(),
-        x_coef.float().contiguous(), z_ids.contiguous(), z_coef.float().contiguous(),
-        logits.shape[-1], BLOCK=BLOCK,
-    )  # fmt: skip
+        logits,
+        out,
+        _row_offsets(logits, rows),
+        real.to(torch.int8),
+        lse.contiguous(),
+        *(v.float().contiguous() for v in (r, grad_d, common)),
+        x_ids.contiguous(),
+        x_coef.float().contiguous(),
+        z_ids.contiguous(),
+        z_coef.float().contiguous(),
+        logits.shape[-1],
+        BLOCK=BLOCK,
+    )

@@ -17,9 +17,17 @@ BLOCK = 1024  # positions per program
 
 @triton.jit
 def _corrupt_kernel(
-    x0, keys, threshold, real_ids, out, length, num_real, mask_id,
-    UNIFORM_IDS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    x0,
+    keys,
+    threshold,
+    real_ids,
+    out,
+    length,
+    num_real,
+    mask_id,
+    UNIFORM_IDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     positions = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = positions < length
@@ -43,7 +51,15 @@ def corrupt(x0: Tensor, keys: Tensor, threshold: Tensor, vocab, uniform_ids: boo
     out = torch.empty_like(x0)
     batch, length = x0.shape
     _corrupt_kernel[(batch, triton.cdiv(length, BLOCK))](
-        x0, keys, threshold.contiguous(), vocab.real_ids, out, length, vocab.num_real,
-        vocab.mask_id, UNIFORM_IDS=uniform_ids, BLOCK=BLOCK,
-    )  # fmt: skip
+        x0,
+        keys,
+        threshold.contiguous(),
+        vocab.real_ids,
+        out,
+        length,
+        vocab.num_real,
+        vocab.mask_id,
+        UNIFORM_IDS=uniform_ids,
+        BLOCK=BLOCK,
+    )
     return out

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
-from dlm_pretrain.dlm_errors import ConfigError
+from dlm_pretrain.common.errors import ConfigError
 from torch import Tensor
 
 
