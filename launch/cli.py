@@ -27,7 +27,6 @@ from dlm_pretrain.launch.train import (
     DEFAULT_DATA,
     add_run_arguments,
     configure_logging,
-    flops_fn,
     load_run_config,
     needs_default_data,
 )
@@ -192,7 +191,7 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         from dlm_pretrain.pretrain.trainer import run  # deepspeed, megatron-core: seconds to import
 
-        run_dir = run(cfg, flops_fn(cfg))
+        run_dir = run(cfg)
     uri = cfg.tracking.uri or default_tracking_uri(run_dir)
     print(f"\ncheckpoints: {run_dir / 'checkpoints'}\nsamples:     {run_dir / 'samples'}")
     print(f"loss curve:  {run_dir / 'loss_curve.png'}\nMLflow:      {uri}")

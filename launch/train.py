@@ -4,9 +4,6 @@
     torchrun --nproc-per-node N -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]
     srun python -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]   (a task per rank)
     python -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]        (one process)
-
-It lives in launch/ because it joins the FLOPs accounting (launch.flops) to the loop
-(pretrain.trainer), which must not import upward.
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ import torch.distributed as dist
 from dlm_pretrain.common.errors import DlmError
 from dlm_pretrain.data_pipeline import PrepareConfig
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE
-from dlm_pretrain.launch.flops import training_flops_per_sequence
-from dlm_pretrain.parallel.config import ModelConfig
 from dlm_pretrain.parallel.groups import environment_from_slurm
 from dlm_pretrain.pretrain.config import RunConfig, load_config
 
@@ -50,26 +45,12 @@ def configure_logging() -> None:
     """INFO on rank 0, warnings elsewhere; megatron-core's notices about optional fused
     kernels (Transformer Engine, Apex: not installable here) are silenced."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
-    # a tracking server that stops answering mid-run costs seconds, not minutes of retries
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(_RankZeroOnly())
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=[handler]
     )
-
-
-def flops_fn(cfg: RunConfig):
-    """Training FLOPs per sequence of the run's model, objective and convention."""
-
-    def per_sequence(model: ModelConfig) -> int:
-        return training_flops_per_sequence(
-            model, cfg.objective.name, model.seq_len, cfg.train.flops_convention
-        )
-
-    return per_sequence
 
 
 def load_run_config(preset: str, overrides: list[str]) -> RunConfig:
@@ -109,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = load_run_config(args.preset, args.overrides)
-        run_dir = run(cfg, flops_fn(cfg))
+        run_dir = run(cfg)
     except DlmError as e:
         logging.getLogger("dlm").error("%s", e)
         return 2

@@ -8,7 +8,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,6 +26,7 @@ from dlm_pretrain.parallel.stages import forward_through_stages
 from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig
 from dlm_pretrain.pretrain.engine import build_engine
+from dlm_pretrain.pretrain.flops import steps_for_budget, training_flops_per_sequence
 from dlm_pretrain.pretrain.metrics import device_peak_flops, step_line, throughput
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
@@ -194,14 +195,10 @@ class _Run:
         return dist.get_rank() == 0
 
 
-def run(
-    cfg: RunConfig,
-    train_flops_per_sequence: Callable[[ModelConfig], int],
-    runtime: Runtime | None = None,
-) -> Path:
+def run(cfg: RunConfig, runtime: Runtime | None = None) -> Path:
     """Train (or resume) the run in cfg.train.run_dir; returns the run directory. The device
     and compute dtype are `runtime`'s, by default Runtime.detect's (a GPU when there is one)."""
-    r, state = _setup(cfg, train_flops_per_sequence, runtime)
+    r, state = _setup(cfg, runtime)
     micro_batches = _noised_micro_batches(
         iter(r.loader), cfg, r.vocab, r.groups, state.step, r.runtime.device
     )
@@ -230,9 +227,7 @@ def run(
     return r.run_dir
 
 
-def _setup(
-    cfg: RunConfig, train_flops_per_sequence, runtime: Runtime | None = None
-) -> tuple[_Run, checkpoint.LoopState]:
+def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkpoint.LoopState]:
     """Process groups, data, model, engine, tracking; then the latest checkpoint, if any."""
     runtime = runtime or Runtime.detect(cfg.train.dtype or None)
     groups = init_process_groups(cfg.parallel, runtime)
@@ -242,9 +237,11 @@ def _setup(
     model_cfg, vocab = model_spec(cfg, manifest)
     vocab = vocab.to(runtime.device)
     objective = OBJECTIVES[cfg.objective.name]
-    flops_per_seq = train_flops_per_sequence(model_cfg)
-    total_steps = cfg.train.steps or int(
-        cfg.train.flops_budget / (flops_per_seq * cfg.train.global_batch)
+    flops_per_seq = training_flops_per_sequence(
+        model_cfg, cfg.objective.name, model_cfg.seq_len, cfg.train.flops_convention
+    )
+    total_steps = cfg.train.steps or steps_for_budget(
+        cfg.train.flops_budget, flops_per_seq, cfg.train.global_batch
     )
     if total_steps < 1:
         raise ConfigError(f"train.flops_budget={cfg.train.flops_budget:g} buys no step")
