@@ -4,6 +4,8 @@
     torchrun --nproc-per-node N -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]
     srun python -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]   (a task per rank)
     python -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]        (one process)
+
+It configures logging, loads the config and calls pretrain.trainer.run.
 """
 
 from __future__ import annotations
