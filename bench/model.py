@@ -3,7 +3,7 @@
     python bench/model.py [--sizes tiny,cpu-small,cpu-base,6M,19M,34M] [--seq-len 512]
 
 For each preset: tokens/s and achieved FLOP/s of one training micro-step (model forward,
-MDLM loss, backward; FLOPs by launch.flops' exact convention), as a fraction of the float32
+MDLM loss, backward; FLOPs by pretrain.flops' exact convention), as a fraction of the float32
 matmul peak measured by this script in the same run (target for 19M: at least 35%).
 """
 
@@ -13,10 +13,10 @@ import argparse
 import time
 
 import torch
-from dlm_pretrain.launch.flops import training_flops_per_sequence
 from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig, parameter_count
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
+from dlm_pretrain.pretrain.flops import training_flops_per_sequence
 from dlm_pretrain.pretrain.objectives import mdlm
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab

@@ -47,11 +47,12 @@ from dlm_pretrain.launch.smoke_check import (
     timed,
 )
 from dlm_pretrain.launch.smoke_kernels import check_kernels
-from dlm_pretrain.launch.train import DEFAULT_DATA, flops_fn, needs_default_data
+from dlm_pretrain.launch.train import DEFAULT_DATA, needs_default_data
 from dlm_pretrain.parallel.config import ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig, load_config
+from dlm_pretrain.pretrain.flops import training_flops_per_sequence
 from dlm_pretrain.pretrain.metrics import device_peak_flops, throughput
 from dlm_pretrain.pretrain.run_sampling import sample_run
 from dlm_pretrain.pretrain.trainer import model_spec, run
@@ -243,7 +244,7 @@ def check_training(cfg: RunConfig, clock: _StepClock, max_loss_ratio: float) -> 
     trainer_log.setLevel(logging.INFO)  # the step lines, whatever the caller's logging
     trainer_log.addHandler(clock)
     try:
-        run(cfg, flops_fn(cfg))
+        run(cfg)
     finally:
         trainer_log.removeHandler(clock)
         trainer_log.setLevel(level)
@@ -270,7 +271,7 @@ def check_resume(cfg: RunConfig) -> Check:
     run_dir, steps = Path(cfg.train.run_dir), cfg.train.steps
     before = len(_train_log(run_dir))
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps + 2))
-    run(longer, flops_fn(longer))
+    run(longer)
     new_steps = [record["step"] for record in _train_log(run_dir)[before:]]
     latest = checkpoint.latest_tag(run_dir)
     ok = new_steps == [steps + 1, steps + 2] and latest == f"step{steps + 2:08d}"
@@ -290,7 +291,9 @@ def check_throughput(cfg: RunConfig, clock: _StepClock) -> Check:
         (last_step - first_step) * cfg.train.global_batch,
         end - start,
         manifest.seq_len,
-        flops_fn(cfg)(model_cfg),
+        training_flops_per_sequence(
+            model_cfg, cfg.objective.name, model_cfg.seq_len, cfg.train.flops_convention
+        ),
         dist.get_world_size(),
         device_peak_flops(cfg.train.peak_flops),
     )

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import run_distributed
-from dlm_pretrain.launch.train import flops_fn
 from dlm_pretrain.parallel.groups import Runtime
 from dlm_pretrain.pretrain import trainer
 from dlm_pretrain.pretrain.config import load_config
@@ -50,11 +49,11 @@ def _config(dataset: Path, run_dir: Path, *extra: str):
 def test_a_run_on_the_device_equals_the_cpu_run_and_transfers_only_where_allowed(dataset, tmp_path):
     extra = ("train.val_every=2", "train.checkpoint_every=2")
     cfg = _config(dataset, tmp_path / "cpu", "train.steps=6", *extra)
-    trainer.run(cfg, flops_fn(cfg))
+    trainer.run(cfg)
     with fake_accelerator() as transfers:
         for steps in (4, 6):  # then resumed from the step-4 checkpoint
             cfg = _config(dataset, tmp_path / "device", f"train.steps={steps}", *extra)
-            trainer.run(cfg, flops_fn(cfg), FAKE)
+            trainer.run(cfg, FAKE)
     assert _losses(tmp_path / "device") == _losses(tmp_path / "cpu")
     made = Counter((t.kind, t.where) for t in transfers.ours())
     assert set(made) <= ALLOWED, set(made) - ALLOWED
@@ -81,7 +80,7 @@ def _pipeline_steps(rank: int, world_size: int, dataset: Path, run_dir: Path) ->
     torch.set_num_threads(1)
     with fake_accelerator() as transfers:
         cfg = _config(dataset, run_dir, "train.steps=3", "parallel.pipeline=2")
-        r, _ = trainer._setup(cfg, flops_fn(cfg), FAKE)
+        r, _ = trainer._setup(cfg, FAKE)
         batches = trainer._noised_micro_batches(
             iter(r.loader), cfg, r.vocab, r.groups, 0, FAKE.device
         )

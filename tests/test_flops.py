@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dlm_pretrain.launch.flops import (
+from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
+from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+from dlm_pretrain.parallel.model import build_pipeline
+from dlm_pretrain.pretrain.flops import (
     attention_flops_per_sequence,
     forward_flops_per_sequence,
     steps_for_budget,
     training_flops_per_sequence,
 )
-from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
-from dlm_pretrain.parallel.groups import Runtime, init_process_groups
-from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from dlm_pretrain.launch.train import flops_fn
 from dlm_pretrain.pretrain import trainer
 from dlm_pretrain.pretrain.config import load_config
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
@@ -84,7 +83,7 @@ def _train_each_objective(
                 *extra,
             ],
         )
-        r, _ = trainer._setup(cfg, flops_fn(cfg))
+        r, _ = trainer._setup(cfg)
         module = r.engine.module
         grads = _capture_gradients(module)
         batches = trainer._noised_micro_batches(

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from dlm_pretrain.launch.train import flops_fn
 from dlm_pretrain.pretrain import trainer
 from dlm_pretrain.pretrain.config import load_config
 from test_parallel import _capture_gradients
@@ -21,7 +20,7 @@ BF16_ROUNDING = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 
 def _setup(dataset: Path, run_dir: Path, *extra: str):
     cfg = load_config("default", _overrides(dataset, run_dir, "data.num_workers=0", *extra))
-    r, _ = trainer._setup(cfg, flops_fn(cfg))
+    r, _ = trainer._setup(cfg)
     batches = trainer._noised_micro_batches(
         iter(r.loader), cfg, r.vocab, r.groups, 0, r.runtime.device
     )

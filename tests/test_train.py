@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from distributed import _free_port, run_distributed
-from dlm_pretrain.launch.train import flops_fn
 from dlm_pretrain.pretrain.config import SamplingConfig, load_config
 from dlm_pretrain.pretrain.run_sampling import sample_run
 from dlm_pretrain.pretrain.trainer import run
@@ -39,7 +38,7 @@ def _overrides(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def _train(dataset, run_dir, *extra):
     cfg = load_config("default", _overrides(dataset, run_dir, *extra))
-    return run(cfg, flops_fn(cfg))
+    return run(cfg)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -302,7 +301,7 @@ def _continue_on_dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -
 
 def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
     from dlm_pretrain.data_pipeline import open_dataset
-    from dlm_pretrain.launch.flops import training_flops_per_sequence
+    from dlm_pretrain.pretrain.flops import training_flops_per_sequence
     from dlm_pretrain.pretrain.trainer import model_spec
 
     cfg = load_config("default", _overrides(dataset, tmp_path / "budget"))
