@@ -54,8 +54,9 @@ from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig, load_config
 from dlm_pretrain.pretrain.flops import training_flops_per_sequence
 from dlm_pretrain.pretrain.metrics import device_peak_flops, throughput
+from dlm_pretrain.pretrain.model_spec import model_spec
 from dlm_pretrain.pretrain.run_sampling import sample_run
-from dlm_pretrain.pretrain.trainer import model_spec, run
+from dlm_pretrain.pretrain.trainer import run
 
 log = logging.getLogger(__name__)
 STEP_LINE = re.compile(r"step\s+(\d+)/\d+ \|")  # the start of pretrain.metrics.step_line

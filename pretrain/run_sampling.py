@@ -14,9 +14,9 @@ from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import SamplingConfig, load_config
+from dlm_pretrain.pretrain.model_spec import model_spec
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
 from dlm_pretrain.pretrain.sampling import generate
-from dlm_pretrain.pretrain.trainer import model_spec
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig
 from dlm_pretrain.pretrain.engine import build_engine
 from dlm_pretrain.pretrain.flops import steps_for_budget, training_flops_per_sequence
 from dlm_pretrain.pretrain.metrics import device_peak_flops, step_line, throughput
+from dlm_pretrain.pretrain.model_spec import model_spec
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -42,28 +43,7 @@ class DivergenceError(DlmError):
     """Too many non-finite steps in a row."""
 
 
-VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of 128 x tensor size
 DROPOUT_SEED_STRIDE = 100  # dropout seed = init_seed + 100 x pipeline stage (megatron's offset)
-
-
-def model_spec(cfg: RunConfig, manifest: Manifest) -> tuple[ModelConfig, Vocab]:
-    """The backbone for this dataset: L from the manifest, V padded to a multiple of
-    128 x tensor size (fast matmuls, an even vocabulary split); padding ids and the tokenizer's
-    pad are never noised, predicted or sampled."""
-    special = manifest.tokenizer["special_ids"]
-    tokenizer_size = manifest.tokenizer["vocab_size"]
-    multiple = VOCAB_MULTIPLE * cfg.parallel.tensor
-    padded = -(-tokenizer_size // multiple) * multiple
-    padding = range(tokenizer_size, padded)
-    vocab = Vocab.build(padded, special["mask"], never_in_data=(special["pad"], *padding))
-    model = ModelConfig.preset(
-        cfg.model.size,
-        vocab_size=vocab.size,
-        seq_len=manifest.seq_len,
-        dropout=cfg.model.dropout,
-        init_seed=cfg.model.init_seed,
-    )
-    return model, vocab
 
 
 def _train_loss(cfg: RunConfig, vocab: Vocab, tp_group, logits, labels) -> torch.Tensor:

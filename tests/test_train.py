@@ -302,7 +302,7 @@ def _continue_on_dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -
 def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
     from dlm_pretrain.data_pipeline import open_dataset
     from dlm_pretrain.pretrain.flops import training_flops_per_sequence
-    from dlm_pretrain.pretrain.trainer import model_spec
+    from dlm_pretrain.pretrain.model_spec import model_spec
 
     cfg = load_config("default", _overrides(dataset, tmp_path / "budget"))
     model_cfg, _ = model_spec(cfg, open_dataset(dataset))
@@ -326,7 +326,7 @@ def test_a_dataset_that_does_not_match_the_run_is_refused(dataset, tmp_path):
 
 def test_vocabulary_is_padded_and_padding_is_never_real(dataset):
     from dlm_pretrain.data_pipeline import open_dataset
-    from dlm_pretrain.pretrain.trainer import model_spec
+    from dlm_pretrain.pretrain.model_spec import model_spec
 
     manifest = open_dataset(dataset)  # 400 pieces
     for tensor, padded in [(1, 512), (2, 512)]:

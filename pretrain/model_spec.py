@@ -1,0 +1,32 @@
+"""The backbone a run trains on a dataset: the model preset sized by the dataset's sequence
+length and tokenizer, with the vocabulary padded for the tensor split. Training, sampling from
+a run directory and the smoke check all build the same one."""
+
+from __future__ import annotations
+
+from dlm_pretrain.data_pipeline.manifest import Manifest
+from dlm_pretrain.parallel.config import ModelConfig
+from dlm_pretrain.pretrain.config import RunConfig
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
+
+VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of 128 x tensor size
+
+
+def model_spec(cfg: RunConfig, manifest: Manifest) -> tuple[ModelConfig, Vocab]:
+    """The backbone for this dataset: L from the manifest, V padded to a multiple of
+    128 x tensor size (fast matmuls, an even vocabulary split); padding ids and the tokenizer's
+    pad are never noised, predicted or sampled."""
+    special = manifest.tokenizer["special_ids"]
+    tokenizer_size = manifest.tokenizer["vocab_size"]
+    multiple = VOCAB_MULTIPLE * cfg.parallel.tensor
+    padded = -(-tokenizer_size // multiple) * multiple
+    padding = range(tokenizer_size, padded)
+    vocab = Vocab.build(padded, special["mask"], never_in_data=(special["pad"], *padding))
+    model = ModelConfig.preset(
+        cfg.model.size,
+        vocab_size=vocab.size,
+        seq_len=manifest.seq_len,
+        dropout=cfg.model.dropout,
+        init_seed=cfg.model.init_seed,
+    )
+    return model, vocab
