@@ -147,7 +147,7 @@ class _StopRequest:
         return bool(flag.item())  # host sync
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Run:
     """What the loop works with, built once by `_setup` (components, not logic)."""
 
@@ -268,21 +268,21 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
     tracker.log_params(cfg.flat())
     tracker.log_artifact(run_dir / "config.yaml")
     r = _Run(
-        cfg,
-        runtime,
-        groups,
-        manifest,
-        model_cfg,
-        vocab,
-        engine,
-        loader,
-        tracker,
-        Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE),
-        run_dir,
-        layout,
-        total_steps,
-        flops_per_seq,
-        device_peak_flops(cfg.train.peak_flops),
+        cfg=cfg,
+        runtime=runtime,
+        groups=groups,
+        manifest=manifest,
+        model_cfg=model_cfg,
+        vocab=vocab,
+        engine=engine,
+        loader=loader,
+        tracker=tracker,
+        tokenizer=Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE),
+        run_dir=run_dir,
+        layout=layout,
+        total_steps=total_steps,
+        flops_per_seq=flops_per_seq,
+        peak_flops=device_peak_flops(cfg.train.peak_flops),
     )
     state = checkpoint.LoopState()
     loaded = checkpoint.load(engine, run_dir, layout, universal=new_dp_size)
