@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -145,15 +143,16 @@ def test_unfinished_directory_is_not_a_dataset(tmp_path):
 
 
 def test_killed_prepare_leaves_no_dataset_and_a_rerun_cleans_up(tmp_path, dataset):
-    """A SIGKILL mid-run leaves no manifest; re-running removes temporary and stale shards."""
-    corpus = write_jsonl(tmp_path / "big.jsonl", random_documents(3000, seed=9))
+    """A SIGKILL mid-run (tests/kill_at.py: once the first train shard is renamed and the
+    second is open) leaves no manifest; re-running removes temporary and stale shards."""
+    corpus = write_jsonl(tmp_path / "big.jsonl", random_documents(300, seed=9))
     out = tmp_path / "out"
     shutil.copytree(dataset, out)  # an older finished dataset in the same place
     (out / "train/shard-999999.tar").write_bytes(b"stale")
     cmd = [
         sys.executable,
-        "-m",
-        "dlm_pretrain.launch.cli",
+        str(Path(__file__).with_name("kill_at.py")),
+        "prepare:1",
         "prepare",
         "--out",
         str(out),
@@ -169,11 +168,8 @@ def test_killed_prepare_leaves_no_dataset_and_a_rerun_cleans_up(tmp_path, datase
         "1",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(out.glob("train/*.tar.tmp")) and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "prepare finished before it could be killed"
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    assert list(out.glob("train/*.tar.tmp"))
     with pytest.raises(DataError, match="not a finished dataset"):
         open_dataset(out)
     assert main(cmd[3:]) == 0

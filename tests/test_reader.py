@@ -100,9 +100,15 @@ def test_batches_carry_tokens_and_document_ids(dataset):
         assert doc_ids[0] == 0 and torch.all(doc_ids[1:] - doc_ids[:-1] >= 0)
 
 
-@pytest.mark.parametrize(("workers", "stop"), [(0, 5), (2, 7), (3, 131), (2, 325)])
+@pytest.mark.parametrize(
+    ("workers", "stop"), [(0, "early"), (2, "early"), (3, "mid-epoch"), (2, "next epoch")]
+)
 def test_resume_gives_exactly_the_uninterrupted_batches(dataset, workers, stop):
-    total = 340  # past the end of the first epoch (2584 sequences / 8 = 323 micro-batches)
+    """Stopped after a few micro-batches, in the middle of the first epoch or just into the
+    second, and resumed: the batches of an uninterrupted read through the epoch's end."""
+    epoch = -(-open_dataset(dataset).splits["train"].sequences // 8)  # micro-batches of 8
+    stop = {"early": 5 + workers, "mid-epoch": epoch // 2 + 1, "next epoch": epoch + 2}[stop]
+    total = epoch + 17
     straight = _digest(_take(_loader(dataset, workers=workers), total))
     first = _loader(dataset, workers=workers)
     head = _take(first, stop)
