@@ -1,89 +1,85 @@
 """Configuration of dataset preparation and of the training reader.
 
-Each field's `help` is the one description of that option: the CLI builds its flags from it.
+Each field's description is the one description of that option: `dlm prepare --help` and
+`dlm train --help` list them (common.config.keys).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from dlm_pretrain.common.config import Section
 from dlm_pretrain.common.errors import ConfigError
+from pydantic import Field, field_validator, model_validator
 
 # sentencepiece with byte fallback needs 256 byte pieces, the specials and some merges.
 MIN_VOCAB_SIZE = 320
 
 
-@dataclass(frozen=True, kw_only=True)
-class PrepareConfig:
+class PrepareConfig(Section):
     """What `dlm prepare` builds: corpus -> tokenizer -> packed webdataset shards."""
 
-    out: str = field(metadata={"help": "output dataset directory"})
-    corpus: tuple[str, ...] = field(
+    out: str = Field(min_length=1, description="output dataset directory")
+    corpus: tuple[str, ...] = Field(
         default=(),
-        metadata={
-            "help": "files or globs of .txt, .py, .jsonl, .jsonl.gz or .parquet; "
-            "default: the running Python's standard library source"
-        },
+        description="files or globs of .txt, .py, .jsonl, .jsonl.gz or .parquet, one or "
+        "[a, b]; default: the running Python's standard library source",
     )
-    text_field: str = field(
-        default="text", metadata={"help": "jsonl key / parquet column holding the text"}
+    text_field: str = Field(
+        default="text", min_length=1, description="jsonl key / parquet column holding the text"
     )
-    tokenizer: str | None = field(
-        default=None,
-        metadata={"help": "existing sentencepiece .model; default: train one on the corpus"},
+    tokenizer: str | None = Field(
+        default=None, description="existing sentencepiece .model; default: train one on the corpus"
     )
-    vocab_size: int = field(
-        default=8192, metadata={"help": "size of the trained tokenizer (mask included)"}
+    vocab_size: int = Field(
+        default=8192, ge=1, description="size of the trained tokenizer (mask included)"
     )
-    tokenizer_train_bytes: int = field(
+    tokenizer_train_bytes: int = Field(
         default=200_000_000,
-        metadata={"help": "at most this many bytes of text are used to train the tokenizer"},
+        ge=1,
+        description="at most this many bytes of text are used to train the tokenizer",
     )
-    seq_len: int = field(default=512, metadata={"help": "tokens per packed sequence"})
-    val_fraction: float = field(
-        default=0.01, metadata={"help": "fraction of documents (by stable hash) for validation"}
+    seq_len: int = Field(default=512, ge=2, description="tokens per packed sequence")
+    val_fraction: float = Field(
+        default=0.01,
+        ge=0,
+        lt=1,
+        description="fraction of documents (by stable hash) for validation",
     )
-    shard_size: int = field(default=4096, metadata={"help": "sequences per shard"})
-    workers: int = field(default=2, metadata={"help": "tokenizer processes"})
-    strict: bool = field(
+    shard_size: int = Field(default=4096, ge=1, description="sequences per shard")
+    workers: int = Field(default=2, ge=1, description="tokenizer processes")
+    strict: bool = Field(
         default=False,
-        metadata={"help": "fail on a bad jsonl line or an empty document instead of skipping"},
+        description="fail on a bad jsonl line or an empty document instead of skipping",
     )
 
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len={self.seq_len} must be at least 2; use e.g. --seq-len 512")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(
-                f"val_fraction={self.val_fraction} must be in [0, 1); use e.g. --val-fraction 0.01"
-            )
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size={self.shard_size} must be >= 1 sequence per shard")
-        if self.workers < 1:
-            raise ConfigError(f"workers={self.workers} must be >= 1")
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _vocabulary_fits_the_bytes(self) -> PrepareConfig:
         if self.tokenizer is None and self.vocab_size < MIN_VOCAB_SIZE:
             raise ConfigError(
                 f"vocab_size={self.vocab_size} is too small for a byte-fallback tokenizer; "
-                f"use --vocab-size {MIN_VOCAB_SIZE} or more"
+                f"use vocab_size={MIN_VOCAB_SIZE} or more"
             )
-        if not self.text_field:
-            raise ConfigError("text_field is empty; name the jsonl key holding the text")
+        return self
 
 
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class DataConfig(Section):
     """How training reads a prepared dataset directory."""
 
-    path: str = field(metadata={"help": "dataset directory written by `dlm prepare`"})
-    seq_len: int | None = field(
-        default=None, metadata={"help": "expected sequence length; checked against the manifest"}
+    path: str = Field(
+        default="data/stdlib",
+        min_length=1,
+        description="dataset directory written by `dlm prepare` (default: the embedded corpus, "
+        "prepared on first use)",
     )
-    tokenizer_sha256: str | None = field(
-        default=None, metadata={"help": "expected tokenizer hash; checked against the manifest"}
+    seq_len: int | None = Field(
+        default=None, ge=2, description="expected sequence length; checked against the manifest"
     )
-    num_workers: int = field(default=2, metadata={"help": "loader processes per rank"})
-    seed: int = field(default=0, metadata={"help": "seed of the per-epoch shuffle"})
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+    tokenizer_sha256: str | None = Field(
+        default=None, description="expected tokenizer hash; checked against the manifest"
+    )
+    num_workers: int = Field(default=1, ge=0, description="loader processes per rank")
+    seed: int = Field(default=0, ge=0, description="seed of the per-epoch shuffle")

@@ -81,7 +81,7 @@ def resolve_corpus(patterns: Sequence[str]) -> list[str]:
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             raise DataError(
-                f"--corpus {pattern!r} matches no file; check the path, and quote globs so "
+                f"corpus={pattern!r} matches no file; check the path, and quote globs so "
                 "the shell does not expand them"
             )
         for path in matches:
@@ -112,7 +112,7 @@ def list_slices(files: Sequence[str]) -> list[Slice]:
             slices.append(Slice(path, kind, 0, size, size))
     if sum(s.size_bytes for s in slices) == 0:
         raise DataError(
-            f"the corpus ({len(files)} file(s)) is empty; point --corpus at files with text"
+            f"the corpus ({len(files)} file(s)) is empty; point corpus= at files with text"
         )
     return slices
 
@@ -124,7 +124,7 @@ def read_documents(piece: Slice, text_field: str, strict: bool) -> tuple[list[st
     for where, text in _raw_records(piece, text_field, strict, counts):
         if not text.strip():
             if strict:
-                raise DataError(f"{where}: empty document; remove it or drop --strict to skip it")
+                raise DataError(f"{where}: empty document; remove it or drop strict to skip it")
             counts.empty += 1
             continue
         docs.append(text)
@@ -165,7 +165,7 @@ def _raw_records(
         if text_field not in table.column_names:
             raise DataError(
                 f"{piece.path}: no column {text_field!r} (columns: {table.column_names}); "
-                "pass --text-field NAME"
+                "pass text_field=NAME"
             )
         for i, text in enumerate(table.column(text_field).to_pylist()):
             yield f"{piece.path} row group {piece.start} row {i}", text or ""
@@ -205,7 +205,7 @@ def _json_text(
         record = json.loads(line)
     except json.JSONDecodeError as e:
         if strict:
-            raise DataError(f"{where}: not valid JSON ({e}); fix the line or drop --strict") from e
+            raise DataError(f"{where}: not valid JSON ({e}); fix the line or drop strict") from e
         counts.bad_json += 1
         if len(counts.examples) < 5:
             counts.examples.append(f"{where}: not valid JSON, skipped")
@@ -214,7 +214,7 @@ def _json_text(
     if not isinstance(text, str):
         if strict:
             raise DataError(
-                f"{where}: no string field {text_field!r}; pass --text-field NAME or drop --strict"
+                f"{where}: no string field {text_field!r}; pass text_field=NAME or drop strict"
             )
         counts.missing_field += 1
         if len(counts.examples) < 5:

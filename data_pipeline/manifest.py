@@ -73,7 +73,7 @@ def load_manifest(root: str | Path) -> Manifest:
     if not path.is_file():
         raise DataError(
             f"{root} has no {MANIFEST_FILE}: it is not a finished dataset; "
-            f"run `dlm prepare --out {root}` (again, if it was interrupted)"
+            f"run `dlm prepare out={root}` (again, if it was interrupted)"
         )
     try:
         manifest = Manifest.from_json(path.read_text())
@@ -100,13 +100,13 @@ def open_dataset(
         raise DataError(
             f"the run asks for seq_len={seq_len} but {root} was packed with seq_len="
             f"{manifest.seq_len}; set the run's seq_len to {manifest.seq_len} or re-run "
-            f"`dlm prepare --seq-len {seq_len}`"
+            f"`dlm prepare seq_len={seq_len}`"
         )
     if tokenizer_sha256 is not None and tokenizer_sha256 != manifest.tokenizer_sha256:
         raise DataError(
             f"the tokenizer (sha256 {tokenizer_sha256[:12]}...) does not match the one {root} "
             f"was tokenized with ({manifest.tokenizer_sha256[:12]}...); use "
-            f"{Path(root) / TOKENIZER_FILE} or re-run `dlm prepare --tokenizer YOUR.model`"
+            f"{Path(root) / TOKENIZER_FILE} or re-run `dlm prepare tokenizer=YOUR.model`"
         )
     for split in manifest.splits.values():
         for shard in split.shards:

@@ -193,8 +193,8 @@ def _finish_split(split: str, packer: Packer, writer: ShardWriter, cfg: PrepareC
         raise DataError(
             f"the {split} split got {packer.documents} document(s) and {packer.tokens} tokens, "
             f"less than one sequence of seq_len={cfg.seq_len} (a document is never split "
-            "between train and val); add documents, lower --seq-len"
-            + (" or raise --val-fraction" if split == "val" else "")
+            "between train and val); add documents, lower seq_len"
+            + (" or raise val_fraction" if split == "val" else "")
         )
     return SplitInfo(
         documents=packer.documents,

@@ -136,6 +136,6 @@ def train_tokenizer(lines: Iterator[str], vocab_size: int) -> Tokenizer:
     except RuntimeError as e:
         raise DataError(
             f"training a {vocab_size}-piece tokenizer failed ({e}); the corpus is probably too "
-            "small for that vocabulary: lower --vocab-size or add text"
+            "small for that vocabulary: lower vocab_size or add text"
         ) from e
     return Tokenizer(model.getvalue())

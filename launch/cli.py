@@ -1,21 +1,23 @@
 """The `dlm` command: parse arguments, build a config, call one library function.
 
-Options are generated from the config dataclasses' fields (their `help` metadata), so each
-default and description lives in one place.
+Every command that takes a config takes it as `key=value` (dotted for nested sections), and
+its --help lists every key with its type, default, allowed values and description, generated
+from the config models (common.config.keys), so each lives in one place. Options that are not
+configuration stay flags. megatron-core, DeepSpeed and Triton take seconds to import: only
+train, sample and smoke import them, inside the command.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import types
-import typing
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
-from dlm_pretrain.common.errors import DlmError
+from dlm_pretrain.common.config import Section, apply_overrides, keys
+from dlm_pretrain.common.errors import ConfigError, DlmError
 from dlm_pretrain.data_pipeline import PrepareConfig, prepare_dataset, verify_dataset
 from dlm_pretrain.launch.launcher import (
     deepspeed_command,
@@ -23,31 +25,37 @@ from dlm_pretrain.launch.launcher import (
     run_deepspeed,
     world_size,
 )
+from dlm_pretrain.launch.quiet import configure_output, hidden_prints, verbose_requested
 from dlm_pretrain.launch.train import (
     DEFAULT_DATA,
     add_run_arguments,
-    configure_logging,
     load_run_config,
     needs_default_data,
+    split_run_arguments,
 )
-from dlm_pretrain.pretrain.config import SamplingConfig
+from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig, preset_names
 from dlm_pretrain.pretrain.tracking import default_tracking_uri
 
 log = logging.getLogger("dlm")
+VERBOSE = ("-v", "--verbose")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["smoke"]:  # every option after it is launch.smoke's own
-        return _run_smoke(argparse.Namespace(smoke_args=argv[1:]))
+    leading_verbose = argv[:1] in ([v] for v in VERBOSE)
+    if argv[int(leading_verbose) : int(leading_verbose) + 1] == ["smoke"]:
+        # every option after it is launch.smoke's own
+        configure_output(verbose_requested(leading_verbose))
+        return _run_smoke(argv[int(leading_verbose) + 1 :])
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
-    # `dlm train PRESET --nproc 2 a.b=c`: overrides may follow the options
-    if extra and getattr(args, "overrides", None) is not None and all("=" in e for e in extra):
-        args.overrides = [*args.overrides, *extra]
+    # `dlm train PRESET --nproc 2 a.b=c`: settings may follow the options
+    if extra and hasattr(args, "settings") and all("=" in e for e in extra):
+        args.settings = [*args.settings, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    configure_logging()
+    args.verbose = verbose_requested(args.verbose)
+    configure_output(args.verbose)
     try:
         return args.run(args)
     except DlmError as e:
@@ -62,26 +70,35 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dlm", description="Pretraining of discrete diffusion language models."
     )
+    _add_verbose(parser, default=False)
     sub = parser.add_subparsers(title="subcommands", required=True, metavar="SUBCOMMAND")
-    _add_command(
+    prepare = _add_command(
         sub,
         "prepare",
         "tokenize a corpus into packed webdataset shards with a manifest",
+        "dlm prepare out=data/web corpus='corpus/*.jsonl.gz' seq_len=1024",
         PrepareConfig,
-        _run_prepare,
     )
-    verify = sub.add_parser(
+    prepare.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="any key below")
+    prepare.set_defaults(run=_run_prepare)
+
+    verify = _add_command(
+        sub,
         "verify",
-        help="check every shard of a dataset against its manifest",
-        description="Re-hash and re-read every shard; exit 1 naming each bad shard.",
+        "check every shard of a dataset against its manifest",
+        "Re-hash and re-read every shard; exit 1 naming each bad shard.",
     )
     verify.add_argument("path", help="dataset directory written by `dlm prepare`")
     verify.set_defaults(run=_run_verify)
-    train = sub.add_parser(
+
+    train = _add_command(
+        sub,
         "train",
-        help="train one model (default: a small MDLM on the embedded corpus)",
-        description="Train one model from a YAML preset plus section.key=value overrides; "
-        "resumes automatically from the run directory's latest checkpoint.",
+        "train one model (default: a small MDLM on the embedded corpus)",
+        "dlm train [PRESET] train.steps=1000: the defaults below, then the preset "
+        f"(one of {preset_names()} or a YAML file), then the KEY=VALUE settings; resumes "
+        "from the run directory's latest checkpoint.",
+        RunConfig,
     )
     add_run_arguments(train)
     train.add_argument(
@@ -94,21 +111,24 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hostfile", default=None, help="deepspeed hostfile (`HOST slots=N` lines)")
     train.set_defaults(run=_run_train)
 
-    _add_command(
+    sample = _add_command(
         sub,
         "sample",
         "write samples from the latest checkpoint of a run",
+        "dlm sample RUN_DIR steps=64 num_samples=8",
         SamplingConfig,
-        _run_sample,
-        positional="run_dir",
     )
-    smoke = sub.add_parser(
+    sample.add_argument(
+        "settings", nargs="*", metavar="RUN_DIR KEY=VALUE", help="a `dlm train` run directory"
+    )
+    sample.set_defaults(run=_run_sample)
+
+    sub.add_parser(
         "smoke",
-        add_help=False,  # `dlm smoke --help` is launch.smoke's own
+        add_help=False,  # `dlm smoke --help` is launch.smoke's own; see main
         help="check a new machine or cluster first: devices, collectives, every Triton kernel, "
         "a short bf16 run, a sample, a resume, tokens/s and MFU",
     )
-    smoke.add_argument("smoke_args", nargs=argparse.REMAINDER)  # see main
     return parser
 
 
@@ -116,64 +136,73 @@ def _add_command(
     sub: argparse._SubParsersAction,
     name: str,
     summary: str,
-    config_cls: type,
-    run: Callable[[argparse.Namespace], int],
-    positional: str | None = None,
-) -> None:
-    """A subcommand whose options are the fields of `config_cls`."""
-    cmd = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.")
-    if positional:
-        cmd.add_argument(positional, help="run directory written by `dlm train`")
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        _add_option(cmd, f, hints[f.name])
-    cmd.set_defaults(run=run, config_cls=config_cls)
-
-
-def _add_option(cmd: argparse.ArgumentParser, f: dataclasses.Field, hint: object) -> None:
-    flag = "--" + f.name.replace("_", "-")
-    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    default = None if required else f.default
-    text = f.metadata["help"] + (
-        "" if required or default in (None, ()) else f" (default: {default})"
+    usage: str,
+    config_cls: type[Section] | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand; with `config_cls`, its help lists every key of that config."""
+    cmd = sub.add_parser(
+        name,
+        help=summary,
+        description=f"{summary[0].upper()}{summary[1:]}. {usage}",
+        epilog=config_keys_help(config_cls) if config_cls else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if hint is bool:
-        cmd.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-    elif typing.get_origin(hint) is tuple:
-        cmd.add_argument(flag, nargs="+", default=default, help=text, metavar="PATH")
-    else:
-        base = (
-            next(a for a in typing.get_args(hint) if a is not type(None))
-            if _optional(hint)
-            else hint
-        )
-        cmd.add_argument(flag, type=base, default=default, required=required, help=text)
+    _add_verbose(cmd, default=argparse.SUPPRESS)  # SUPPRESS: keeps a `dlm -v CMD`
+    return cmd
 
 
-def _optional(hint: object) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        *VERBOSE,
+        action="store_true",
+        default=default,
+        help="also show the libraries' own output (megatron-core, DeepSpeed, torch warnings)",
+    )
 
 
-def _config(args: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(args.config_cls)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    return args.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+def config_keys_help(config_cls: type[Section]) -> str:
+    """`KEY=DEFAULT  type, allowed: description`, one entry per key."""
+    rows = list(keys(config_cls))
+    width = min(34, max(len(f"{k.name}={k.default}") for k in rows) + 2)
+    lines = ["config keys, KEY=DEFAULT (required keys have no default):"]
+    for k in rows:
+        head = f"  {k.name}={k.default}"
+        kind = f"{k.type}, {k.allowed}" if k.allowed else k.type
+        text = textwrap.wrap(f"{kind}: {k.help}", 98 - width - 2)
+        if len(head) > width:
+            lines.append(head)
+            head = ""
+        lines.append(f"{head:<{width}}  {text[0]}")
+        lines += [f"{'':<{width}}    {line}" for line in text[1:]]
+    return "\n".join(lines)
+
+
+def _split(settings: list[str]) -> tuple[list[str], list[str]]:
+    """(the arguments without '=', the KEY=VALUE settings)."""
+    return [s for s in settings if "=" not in s], [s for s in settings if "=" in s]
+
+
+def _build(config_cls: type[Section], settings: list[str]) -> Section:
+    return config_cls(**apply_overrides(config_cls, {}, settings))
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    manifest = prepare_dataset(_config(args))
+    stray, settings = _split(args.settings)
+    if stray:
+        raise ConfigError(f"{stray[0]!r} is not KEY=VALUE; `dlm prepare --help` lists the keys")
+    cfg = _build(PrepareConfig, settings)
+    manifest = prepare_dataset(cfg)
     train = manifest.splits["train"]
     print(
-        f"wrote {args.out}: {train.sequences} train / {manifest.splits['val'].sequences} val "
+        f"wrote {cfg.out}: {train.sequences} train / {manifest.splits['val'].sequences} val "
         f"sequences of {manifest.seq_len} tokens, vocab {manifest.tokenizer['vocab_size']}"
     )
     return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    # deepspeed and megatron-core take seconds to import: only the commands that train do
-
-    cfg = load_run_config(args.preset, args.overrides)  # every check before any work
+    preset, overrides = split_run_arguments(args.settings)
+    cfg = load_run_config(preset, overrides)  # every check before any work
     slots = hostfile_slots(args.hostfile) if args.hostfile else None
     world = world_size(slots, args.nproc)
     cfg.check_world_size(world)
@@ -182,16 +211,17 @@ def _run_train(args: argparse.Namespace) -> int:
         prepare_dataset(DEFAULT_DATA)
     if world > 1 or slots:
         hosts = len(slots) if slots else 1
-        command = deepspeed_command(args.preset, args.overrides, args.nproc, args.hostfile, hosts)
+        command = deepspeed_command(preset, overrides, args.nproc, args.hostfile, hosts)
         print("+ " + " ".join(command))
-        code = run_deepspeed(command, hosts)
+        code = run_deepspeed(command, hosts)  # the workers inherit DLM_VERBOSE
         if code:
             return code
         run_dir = Path(cfg.train.run_dir)
     else:
-        from dlm_pretrain.pretrain.trainer import run  # deepspeed, megatron-core: seconds to import
+        with hidden_prints(args.verbose):
+            from dlm_pretrain.pretrain.trainer import run  # deepspeed, megatron-core: seconds
 
-        run_dir = run(cfg)
+            run_dir = run(cfg)
     uri = cfg.tracking.uri or default_tracking_uri(run_dir)
     print(f"\ncheckpoints: {run_dir / 'checkpoints'}\nsamples:     {run_dir / 'samples'}")
     print(f"loss curve:  {run_dir / 'loss_curve.png'}\nMLflow:      {uri}")
@@ -200,19 +230,24 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from dlm_pretrain.pretrain.run_sampling import sample_run  # deepspeed, megatron-core
+    run_dirs, settings = _split(args.settings)
+    if len(run_dirs) != 1:
+        raise ConfigError(f"give one RUN_DIR (a `dlm train` run directory), got {run_dirs}")
+    cfg = _build(SamplingConfig, settings)
+    with hidden_prints(args.verbose):
+        from dlm_pretrain.pretrain.run_sampling import sample_run  # deepspeed, megatron-core
 
-    result = sample_run(args.run_dir, _config(args))
+        result = sample_run(run_dirs[0], cfg)
     for i, text in enumerate(result.texts):
         print(f"===== sample {i} (step {result.step}) =====\n{text}\n")
     print(f"{result.tokens_per_s:.0f} tokens/s, {result.forward_passes} forward passes")
     return 0
 
 
-def _run_smoke(args: argparse.Namespace) -> int:
+def _run_smoke(smoke_args: list[str]) -> int:
     from dlm_pretrain.launch.smoke import main as smoke  # deepspeed, megatron-core, triton
 
-    return smoke(args.smoke_args)
+    return smoke(smoke_args)
 
 
 def _run_verify(args: argparse.Namespace) -> int:

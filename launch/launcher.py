@@ -71,7 +71,7 @@ def world_size(slots: dict[str, int] | None, nproc: int | None) -> int:
 
 
 def deepspeed_command(
-    preset: str, overrides: list[str], nproc: int | None, hostfile: str | None, hosts: int
+    preset: str | None, overrides: list[str], nproc: int | None, hostfile: str | None, hosts: int
 ) -> list[str]:
     """The runner's command line. With a single host the runner launches on this machine
     without ssh, so its ssh probes are skipped and the rendezvous is local."""
@@ -81,7 +81,8 @@ def deepspeed_command(
         command += ["--no_ssh_check", "--master_addr", "127.0.0.1"] if hosts == 1 else []
     if nproc is not None or not hostfile:
         command += ["--num_gpus", str(nproc or 1)]
-    return [*command, "--module", "dlm_pretrain.launch.train", preset, *overrides]
+    settings = [preset, *overrides] if preset else overrides
+    return [*command, "--module", "dlm_pretrain.launch.train", *settings]
 
 
 def run_deepspeed(command: list[str], hosts: int) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -271,7 +270,7 @@ def check_resume(cfg: RunConfig) -> Check:
     (steps N+1 and N+2 appended, not a restart from step 1) and saved step N+2."""
     run_dir, steps = Path(cfg.train.run_dir), cfg.train.steps
     before = len(_train_log(run_dir))
-    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps + 2))
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps + 2})})
     run(longer)
     new_steps = [record["step"] for record in _train_log(run_dir)[before:]]
     latest = checkpoint.latest_tag(run_dir)

@@ -5,29 +5,28 @@
     srun python -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]   (a task per rank)
     python -m dlm_pretrain.launch.train [PRESET] [section.key=value ...]        (one process)
 
-It configures logging, loads the config and calls pretrain.trainer.run.
+It configures the output (launch.quiet; DLM_VERBOSE=1 from `dlm -v` shows the libraries'
+own), loads the config and calls pretrain.trainer.run.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch.distributed as dist
-from dlm_pretrain.common.errors import DlmError
-from dlm_pretrain.data_pipeline import PrepareConfig
+from dlm_pretrain.common.errors import ConfigError, DlmError
+from dlm_pretrain.data_pipeline import DataConfig, PrepareConfig
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE
+from dlm_pretrain.launch.quiet import configure_output, hidden_prints, verbose_requested
 from dlm_pretrain.parallel.groups import environment_from_slurm
 from dlm_pretrain.pretrain.config import RunConfig, load_config
 
-# The embedded default dataset (the default preset's data.path), prepared on first use.
-DEFAULT_DATA = PrepareConfig(out="data/stdlib", seq_len=256)
+# The embedded default dataset (data.path's default), prepared on first use.
+DEFAULT_DATA = PrepareConfig(out=DataConfig().path, seq_len=256)
 
 
 def needs_default_data(data_path: str) -> bool:
@@ -35,48 +34,34 @@ def needs_default_data(data_path: str) -> bool:
     return data_path == DEFAULT_DATA.out and not (Path(data_path) / MANIFEST_FILE).is_file()
 
 
-class _RankZeroOnly(logging.Filter):
-    """Ranks other than 0 show warnings and errors only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        return rank == 0 or record.levelno >= logging.WARNING
-
-
-def configure_logging() -> None:
-    """INFO on rank 0, warnings elsewhere; megatron-core's notices about optional fused
-    kernels (Transformer Engine, Apex: not installable here) are silenced."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.addFilter(_RankZeroOnly())
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=[handler]
-    )
-
-
-def load_run_config(preset: str, overrides: list[str]) -> RunConfig:
+def load_run_config(preset: str | None, overrides: list[str]) -> RunConfig:
     """The preset and overrides; an empty tracking.uri falls back to MLFLOW_TRACKING_URI."""
     cfg = load_config(preset, overrides)
     if not cfg.tracking.uri and os.environ.get("MLFLOW_TRACKING_URI"):
-        tracking = dataclasses.replace(cfg.tracking, uri=os.environ["MLFLOW_TRACKING_URI"])
-        cfg = dataclasses.replace(cfg, tracking=tracking)
+        tracking = cfg.tracking.model_copy(update={"uri": os.environ["MLFLOW_TRACKING_URI"]})
+        cfg = cfg.model_copy(update={"tracking": tracking})
     return cfg
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "preset",
-        nargs="?",
-        default="default",
-        help="preset name (pretrain/presets/NAME.yaml) or a YAML file",
-    )
-    parser.add_argument(
-        "overrides",
+        "settings",
         nargs="*",
-        metavar="section.key=value",
-        help="override any config value, e.g. train.steps=1000",
+        metavar="[PRESET] KEY=VALUE",
+        help="a preset (pretrain/presets/NAME.yaml, or a YAML file) holding what differs from "
+        "the defaults, then any key below as section.key=value, e.g. train.steps=1000; an "
+        "argument with '=' is always a key",
     )
+
+
+def split_run_arguments(settings: Sequence[str]) -> tuple[str | None, list[str]]:
+    """[PRESET] and the overrides: anything with '=' is an override, in any position."""
+    presets = [s for s in settings if "=" not in s]
+    if len(presets) > 1:
+        raise ConfigError(
+            f"one preset at most, got {presets}; write config values as section.key=value"
+        )
+    return (presets[0] if presets else None), [s for s in settings if "=" in s]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,16 +72,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     environment_from_slurm()  # srun without a launcher; before the GPU is picked
-    configure_logging()
-    from dlm_pretrain.pretrain.trainer import run  # deepspeed and megatron-core: seconds to import
-
+    verbose = verbose_requested(False)  # `dlm -v train` exported it
+    configure_output(verbose)
+    log = logging.getLogger("dlm")
     try:
-        cfg = load_run_config(args.preset, args.overrides)
-        run_dir = run(cfg)
+        cfg = load_run_config(*split_run_arguments(args.settings))
+        with hidden_prints(verbose):
+            from dlm_pretrain.pretrain.trainer import run  # deepspeed, megatron-core: seconds
+
+            run_dir = run(cfg)
     except DlmError as e:
-        logging.getLogger("dlm").error("%s", e)
+        log.error("%s", e)
         return 2
-    logging.getLogger("dlm").info("run directory: %s", run_dir)
+    log.info("run directory: %s", run_dir)
     return 0
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from dlm_pretrain.common.config import Section
 from dlm_pretrain.common.errors import ConfigError
+from pydantic import Field
 
 COND_DIM = 128  # every size of the paper conditions adaLN through a 128-wide time embedding
 TIME_FEATURES = 256  # sinusoidal features of the scalar s (128 frequencies x cos, sin)
@@ -106,27 +109,16 @@ def parameter_count(cfg: ModelConfig) -> int:
     return cfg.n_layers * block + v * d + time_embedding + d + v * d + v + 2 * c * d + 2 * d
 
 
-PARTITIONS = ("parameters", "uniform")  # DeepSpeed PipelineModule partition methods
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParallelConfig:
+class ParallelConfig(Section):
     """The parallel layout; data parallel = world / (tensor x pipeline)."""
 
-    tensor: int = field(default=1, metadata={"help": "tensor-parallel size"})
-    pipeline: int = field(default=1, metadata={"help": "pipeline-parallel size"})
-    partition: str = field(
+    tensor: int = Field(default=1, ge=1, description="tensor-parallel size")
+    pipeline: int = Field(default=1, ge=1, description="pipeline-parallel size")
+    # DeepSpeed PipelineModule's partition methods
+    partition: Literal["parameters", "uniform"] = Field(
         default="parameters",
-        metadata={"help": "pipeline stages balanced by parameter count, or uniform by layers"},
+        description="pipeline stages balanced by parameter count, or uniform by layers",
     )
-
-    def __post_init__(self) -> None:
-        if self.tensor < 1 or self.pipeline < 1:
-            raise ConfigError(f"parallel sizes must be >= 1, got {self}")
-        if self.partition not in PARTITIONS:
-            raise ConfigError(
-                f"parallel.partition={self.partition!r} is not one of {', '.join(PARTITIONS)}"
-            )
 
     def data_parallel_size(self, world_size: int) -> int:
         """world / (tensor x pipeline); the world must split evenly."""

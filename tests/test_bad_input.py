@@ -20,6 +20,8 @@ from dlm_pretrain.data_pipeline import (
     verify_dataset,
 )
 from dlm_pretrain.launch.cli import main
+from dlm_pretrain.pretrain import config
+from dlm_pretrain.pretrain.config import FLOPS_CONVENTIONS, OBJECTIVE_NAMES, load_config
 
 
 def _cfg(out: Path, corpus: list[Path], **kw) -> PrepareConfig:
@@ -59,6 +61,44 @@ def test_config_values_are_checked_on_construction(tmp_path, key, value, match):
         _cfg(tmp_path, [], **{key: value})
 
 
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.micro_batch=0", r"train\.micro_batch=0 is out of range: must be greater"),
+        ("train.log_every=0", r"train\.log_every=0 is out of range"),
+        ("train.val_every=-1", r"train\.val_every=-1 is out of range"),
+        ("data.num_workers=-1", r"data\.num_workers=-1 is out of range"),
+        ("optim.beta2=1.0", r"optim\.beta2=1\.0 is out of range: must be less than 1"),
+        ("model.dropout=1.5", r"model\.dropout=1\.5 is out of range"),
+        ("train.flops_convention=exatc", r"'exatc' is not one of .*did you mean 'exact'"),
+        ("objective.name=mdml", r"objective\.name='mdml' is not one of .*did you mean 'mdlm'"),
+        ("objective.fused=false", r"unknown config key objective\.fused"),
+    ],
+)
+def test_run_config_values_are_checked_at_load(override, match):
+    """Regressions: micro_batch=0 was a ZeroDivisionError, log_every=0 crashed at step 1 and a
+    misspelt flops_convention was a bare ValueError after the process groups existed."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_config_choices_are_the_implemented_ones():
+    """The config spells out the names so that loading it imports no model code."""
+    from dlm_pretrain.pretrain.flops import CONVENTIONS
+    from dlm_pretrain.pretrain.objectives import OBJECTIVES
+    from dlm_pretrain.pretrain.objectives.mdlm import LOSS_TYPES
+
+    assert (tuple(OBJECTIVES), tuple(CONVENTIONS)) == (OBJECTIVE_NAMES, FLOPS_CONVENTIONS)
+    assert set(config.LOSS_TYPES) == set(LOSS_TYPES)
+
+
+def test_an_argument_with_equals_is_an_override_not_a_preset(tmp_path, capsys):
+    """Regression: `dlm train data.path=X` was refused as "no preset 'data.path=X'"."""
+    assert main(["train", f"data.path={tmp_path}", "train.log_every=0"]) == 2
+    err = capsys.readouterr().err
+    assert "train.log_every=0" in err and "preset" not in err
+
+
 def test_bad_jsonl_lines_are_skipped_and_counted_or_fatal_with_strict(tmp_path):
     docs = random_documents(300, seed=5)
     path = write_jsonl(tmp_path / "c.jsonl", docs)
@@ -77,7 +117,7 @@ def test_bad_jsonl_lines_are_skipped_and_counted_or_fatal_with_strict(tmp_path):
     assert corpus["decoded_with_replacement"] == 1
     assert corpus["skipped_empty"] == 1
     assert corpus["documents"] == len(docs) + 1
-    with pytest.raises(DataError, match=r"c\.jsonl byte \d+: not valid JSON.*--strict"):
+    with pytest.raises(DataError, match=r"c\.jsonl byte \d+: not valid JSON.*drop strict"):
         prepare_dataset(_cfg(tmp_path / "strict", [path], strict=True))
 
 
@@ -86,7 +126,7 @@ def test_corpus_smaller_than_one_sequence(tmp_path):
     path = write_jsonl(
         tmp_path / "c.jsonl", random_documents(1, seed=2, min_words=900, max_words=900)
     )
-    with pytest.raises(DataError, match=r"the (train|val) split got .* document\(s\).*--seq-len"):
+    with pytest.raises(DataError, match=r"the (train|val) split got .* document\(s\).*seq_len"):
         prepare_dataset(_cfg(tmp_path / "out", [path], vocab_size=330, val_fraction=0.5))
 
 
@@ -154,18 +194,12 @@ def test_killed_prepare_leaves_no_dataset_and_a_rerun_cleans_up(tmp_path, datase
         str(Path(__file__).with_name("kill_at.py")),
         "prepare:1",
         "prepare",
-        "--out",
-        str(out),
-        "--corpus",
-        str(corpus),
-        "--vocab-size",
-        "400",
-        "--seq-len",
-        "64",
-        "--shard-size",
-        "50",
-        "--workers",
-        "1",
+        f"out={out}",
+        f"corpus={corpus}",
+        "vocab_size=400",
+        "seq_len=64",
+        "shard_size=50",
+        "workers=1",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert proc.wait(timeout=300) == -signal.SIGKILL

@@ -285,7 +285,7 @@ def test_resume_in_one_process_and_on_another_data_parallel_size(dataset, tmp_pa
     assert _losses(tmp_path / "resumed") == _losses(straight)
     run_distributed(_continue_on_dp2, 2, dataset, tmp_path / "resumed")
     assert sorted(_losses(tmp_path / "resumed")) == list(range(1, 13))
-    assert main(["sample", str(tmp_path / "resumed"), "--steps", "4", "--num-samples", "1"]) == 0
+    assert main(["sample", str(tmp_path / "resumed"), "steps=4", "num_samples=1"]) == 0
 
 
 def _continue_on_dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -> None:
