@@ -3,11 +3,12 @@
     python bench/loss.py [--vocab 32001] [--tokens 8192]
 
 For float32 logits [tokens, vocab]: the straightforward implementation of each formula as
-the reference code writes it (full-vocabulary float32 tensors), our plain PyTorch path,
-and the memory-lean twin (pretrain.kernels.chunked). Extra memory = peak resident memory
+the reference code writes it (full-vocabulary float32 tensors) and the production loss (the
+objective over pretrain.kernels.losses; on CPU its chunked twin, pretrain.kernels.chunked).
+Extra memory = peak resident memory
 during forward + backward, minus the resident memory before it and minus the logits'
 gradient every variant must produce (Linux VmHWM, reset before each run).
-Target: the twin's extra memory at most 10% of the straightforward one's, and no slower.
+Target: the production loss's extra memory at most 10% of the straightforward one's, and no slower.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from dlm_pretrain.pretrain.objectives import duo, mdlm
+from dlm_pretrain.pretrain.objectives import MDLM, Duo
 from dlm_pretrain.pretrain.objectives.schedule import alpha
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
@@ -92,18 +93,18 @@ def main() -> None:
     masked = torch.where(corrupt, vocab.mask_id, x0)
     uniform = torch.where(corrupt, vocab.real_ids[torch.randint(vocab.num_real, (n,))], x0)
 
-    def ours(objective, xt, fused):
+    def ours(objective, xt):
         def loss(lg):
             shape = (SEQUENCES, n // SEQUENCES)
             return objective.per_token_loss(
-                lg.view(*shape, v), x0.view(shape), xt.view(shape), t_seq, vocab, fused=fused
+                lg.view(*shape, v), x0.view(shape), xt.view(shape), t_seq, vocab
             )
 
         return loss
 
     cases = {
-        "MDLM cross-entropy": (masked, reference_cross_entropy, mdlm),
-        "Duo ELBO": (uniform, reference_duo, duo),
+        "MDLM cross-entropy": (masked, reference_cross_entropy, MDLM(loss_type="cross_entropy")),
+        "Duo ELBO": (uniform, reference_duo, Duo()),
     }
     print(
         f"{n} tokens x vocab {v}, float32 logits ({n * v * 4 / 2**30:.2f} GiB), CPU, "
@@ -113,8 +114,7 @@ def main() -> None:
         print(f"\n{name}:                  extra memory      time")
         base_mem, base_time = _measure(lambda lg, r=reference, z=xt: r(lg, x0, z, t, vocab), logits)
         rows = [("straightforward", base_mem, base_time)]
-        rows.append(("plain (ours)", *_measure(ours(objective, xt, False), logits)))
-        rows.append(("twin (chunked)", *_measure(ours(objective, xt, True), logits)))
+        rows.append(("production", *_measure(ours(objective, xt), logits)))
         for label, mem, seconds in rows:
             print(
                 f"  {label:<16} {mem:9.0f} MiB ({mem / base_mem:6.1%})"

@@ -17,7 +17,7 @@ from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig, parameter_
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain.flops import training_flops_per_sequence
-from dlm_pretrain.pretrain.objectives import mdlm
+from dlm_pretrain.pretrain.objectives import MDLM
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
@@ -38,15 +38,16 @@ def matmul_peak_flops(n: int = 2048) -> float:
 
 
 def train_step_seconds(cfg: ModelConfig, batch: int, groups) -> float:
-    model = build_pipeline(cfg, groups, mdlm.CAUSAL)
+    mdlm = MDLM(loss_type="cross_entropy")
+    model = build_pipeline(cfg, groups, mdlm.causal)
     vocab = Vocab.build(cfg.vocab_size, mask_id=4, never_in_data=(3,))
     x0 = torch.randint(5, cfg.vocab_size, (batch, cfg.seq_len))
     t = sample_t(0, 0, torch.arange(batch), batch)
-    xt = mdlm.noise(x0, t, torch.arange(batch), 0, vocab)
+    xt = mdlm.noise(x0, t, torch.arange(batch), vocab)
 
     def step() -> None:
         logits = model((xt, mdlm.time_input(t)))
-        mdlm.per_token_loss(logits, x0, xt, t, vocab, loss_type="cross_entropy").mean().backward()
+        mdlm.per_token_loss(logits, x0, xt, t, vocab).mean().backward()
 
     return _best_seconds(step, 3)
 

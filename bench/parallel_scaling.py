@@ -90,7 +90,7 @@ def _worker(size: str, seq_len: int, steps: int, out: Path) -> None:
     from dlm_pretrain.parallel.model import build_pipeline
     from dlm_pretrain.pretrain.config import OptimConfig, TrainConfig
     from dlm_pretrain.pretrain.engine import build_engine
-    from dlm_pretrain.pretrain.objectives import ar
+    from dlm_pretrain.pretrain.objectives import AR
     from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
     torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["WORLD_SIZE"])))
@@ -102,7 +102,7 @@ def _worker(size: str, seq_len: int, steps: int, out: Path) -> None:
 
     def loss_fn(logits, labels):
         tokens, t = labels
-        return ar.per_token_loss(logits, tokens, tokens, t, vocab, groups.tp_group).mean()
+        return AR().per_token_loss(logits, tokens, tokens, t, vocab, groups.tp_group).mean()
 
     model = build_pipeline(cfg, groups, causal=True, loss_fn=loss_fn)
     train = TrainConfig(global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, steps=steps)

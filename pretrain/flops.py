@@ -16,10 +16,6 @@ from dlm_pretrain.pretrain.objectives import OBJECTIVES
 
 CONVENTIONS = ("exact", "reference")
 
-# Elementwise FLOPs per token per vocabulary entry of each loss (an estimate: max, subtract,
-# exp, sum for the softmax; Duo adds r·x̂, log1p, subtract and its sum).
-LOSS_FLOPS_PER_VOCAB_ENTRY = {"ar": 4, "mdlm": 4, "duo": 8}
-
 
 def matmul_flops_per_token(cfg: ModelConfig) -> int:
     """Weight-matmul FLOPs per token: 24 d² per block (qkv 6, out 2, MLP 16) and the head 2 d V."""
@@ -47,11 +43,11 @@ def forward_flops_per_sequence(
         return per_token * seq_len
     if convention != "exact":
         raise ValueError(f"unknown FLOPs convention {convention!r}; use one of {CONVENTIONS}")
-    causal = OBJECTIVES[objective].CAUSAL
-    loss = LOSS_FLOPS_PER_VOCAB_ENTRY[objective] * cfg.vocab_size * seq_len
+    spec = OBJECTIVES[objective]  # its class: causality and the loss's FLOPs per entry
+    loss = spec.loss_flops_per_vocab_entry * cfg.vocab_size * seq_len
     return (
         matmul_flops_per_token(cfg) * seq_len
-        + attention_flops_per_sequence(cfg, seq_len, causal)
+        + attention_flops_per_sequence(cfg, seq_len, spec.causal)
         + conditioning_flops_per_sequence(cfg)
         + loss
     )

@@ -15,7 +15,7 @@ from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import SamplingConfig, load_config
 from dlm_pretrain.pretrain.model_spec import model_spec
-from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives import build_objective
 from dlm_pretrain.pretrain.sampling import generate
 
 
@@ -37,15 +37,15 @@ def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
     groups = init_process_groups(ParallelConfig(), runtime)  # one process, any saved layout
     manifest = open_dataset(cfg.data.path)
     model_cfg, vocab = model_spec(cfg, manifest)  # the vocabulary padding the run trained with
-    causal = OBJECTIVES[cfg.objective.name].CAUSAL
-    model = build_pipeline(model_cfg, groups, causal, compute_dtype=runtime.dtype)
+    objective = build_objective(cfg.objective)
+    model = build_pipeline(model_cfg, groups, objective.causal, compute_dtype=runtime.dtype)
     checkpoint.load_weights(model, run_dir)
     model.to(runtime.device)
     vocab = vocab.to(runtime.device)
     tokenizer = Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE)
     start = time.perf_counter()
     samples = generate(
-        cfg.objective.name,
+        objective,
         model.forward_funcs,
         vocab,
         sampling,

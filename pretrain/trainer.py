@@ -9,7 +9,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from dlm_pretrain.pretrain.engine import build_engine
 from dlm_pretrain.pretrain.flops import steps_for_budget, training_flops_per_sequence
 from dlm_pretrain.pretrain.metrics import device_peak_flops, step_line, throughput
 from dlm_pretrain.pretrain.model_spec import model_spec
-from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives import Objective, build_objective
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from dlm_pretrain.pretrain.sampling import generate
@@ -46,20 +46,17 @@ class DivergenceError(DlmError):
 DROPOUT_SEED_STRIDE = 100  # dropout seed = init_seed + 100 x pipeline stage (megatron's offset)
 
 
-def _train_loss(cfg: RunConfig, vocab: Vocab, tp_group, logits, labels) -> torch.Tensor:
+def _train_loss(objective: Objective, vocab: Vocab, tp_group, logits, labels) -> torch.Tensor:
     """Token mean of the per-token loss over the micro-batch (§4.0), on the last stage, from
     this rank's vocabulary shard of the logits."""
     x0, xt, t = labels
-    objective = OBJECTIVES[cfg.objective.name]
-    options = {"loss_type": cfg.objective.loss_type} if objective is OBJECTIVES["mdlm"] else {}
-    return objective.per_token_loss(
-        logits, x0, xt, t, vocab, tp_group, fused=cfg.objective.fused, **options
-    ).mean()
+    return objective.per_token_loss(logits, x0, xt, t, vocab, tp_group).mean()
 
 
 def _noised_micro_batches(
     batches: Iterator,
     cfg: RunConfig,
+    objective: Objective,
     vocab: Vocab,
     groups: ProcessGroups,
     first_step: int,
@@ -72,7 +69,6 @@ def _noised_micro_batches(
 
     The batch is the step's only host-to-device copy; t and the noise are drawn on the
     device (the Triton noising kernel on CUDA)."""
-    objective = OBJECTIVES[cfg.objective.name]
     g, b = cfg.train.global_batch, cfg.train.micro_batch
     accum = cfg.train.accumulation_steps(groups.dp_size)
     first_row = groups.dp_rank * (g // groups.dp_size)
@@ -80,8 +76,8 @@ def _noised_micro_batches(
         step, micro = first_step + k // accum, k % accum
         batch = batch.to(device)
         rows = torch.arange(first_row + micro * b, first_row + (micro + 1) * b, device=device)
-        t = sample_t(cfg.objective.seed, step, rows, g)
-        xt = objective.noise(batch.tokens, t, batch.sample_ids, cfg.objective.seed, vocab)
+        t = sample_t(objective.seed, step, rows, g)
+        xt = objective.noise(batch.tokens, t, batch.sample_ids, vocab)
         yield (xt, objective.time_input(t)), (batch.tokens, xt, t)
 
 
@@ -89,6 +85,7 @@ def _noised_micro_batches(
 def validate(
     module,
     cfg: RunConfig,
+    objective: Objective,
     model_cfg: ModelConfig,
     manifest: Manifest,
     vocab: Vocab,
@@ -98,8 +95,8 @@ def validate(
     """The ELBO-based validation loss in nats/token (exact NLL for AR), summed in float64
     on the last stage over all data ranks. t of sequence i is stratum i mod G of validation
     batch i // G, so the figure does not depend on the layout."""
-    objective = OBJECTIVES[cfg.objective.name]
-    seed, g = cfg.objective.seed + VALIDATION_SEED_OFFSET, cfg.train.global_batch
+    objective = replace(objective, seed=objective.seed + VALIDATION_SEED_OFFSET)
+    g = cfg.train.global_batch
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
     module.eval()
     for batch in validation_batches(
@@ -113,13 +110,11 @@ def validate(
         step = int(batch.sample_ids[0]) // g  # read on the host, before the copy
         batch = batch.to(device)
         ids = batch.sample_ids
-        t = sample_t(seed, step, ids % g, g)
-        xt = objective.noise(batch.tokens, t, ids, seed, vocab)
+        t = sample_t(objective.seed, step, ids % g, g)
+        xt = objective.noise(batch.tokens, t, ids, vocab)
         logits = forward_through_stages(module, (xt, objective.time_input(t)), model_cfg, groups)
         if logits is not None:  # the last stage
-            losses = objective.validation_loss(
-                logits, batch.tokens, xt, t, vocab, groups.tp_group, fused=cfg.objective.fused
-            )
+            losses = objective.validation_loss(logits, batch.tokens, xt, t, vocab, groups.tp_group)
             total[0] += losses.double().sum()
             total[1] += losses.numel()
     module.train()
@@ -157,6 +152,7 @@ class _Run:
     manifest: Manifest
     model_cfg: ModelConfig
     vocab: Vocab
+    objective: Objective
     engine: object  # deepspeed PipelineEngine
     loader: TrainLoader
     tracker: Tracker
@@ -180,7 +176,7 @@ def run(cfg: RunConfig, runtime: Runtime | None = None) -> Path:
     and compute dtype are `runtime`'s, by default Runtime.detect's (a GPU when there is one)."""
     r, state = _setup(cfg, runtime)
     micro_batches = _noised_micro_batches(
-        iter(r.loader), cfg, r.vocab, r.groups, state.step, r.runtime.device
+        iter(r.loader), cfg, r.objective, r.vocab, r.groups, state.step, r.runtime.device
     )
     stop, bad_in_a_row = _StopRequest(), 0
     clock = (time.perf_counter(), state.step)
@@ -216,7 +212,7 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
     )
     model_cfg, vocab = model_spec(cfg, manifest)
     vocab = vocab.to(runtime.device)
-    objective = OBJECTIVES[cfg.objective.name]
+    objective = build_objective(cfg.objective)
     flops_per_seq = training_flops_per_sequence(
         model_cfg, cfg.objective.name, model_cfg.seq_len, cfg.train.flops_convention
     )
@@ -238,11 +234,11 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
     # Dropout only (parameters and noise are keyed): the same stream on every tensor rank, as
     # dropout acts on activations replicated over the tensor group; its own on each stage.
     torch.manual_seed(cfg.model.init_seed + DROPOUT_SEED_STRIDE * groups.pp_rank)
-    loss_fn = partial(_train_loss, cfg, vocab, groups.tp_group)
+    loss_fn = partial(_train_loss, objective, vocab, groups.tp_group)
     model = build_pipeline(
         model_cfg,
         groups,
-        objective.CAUSAL,
+        objective.causal,
         loss_fn=loss_fn,
         partition=cfg.parallel.partition,
         compute_dtype=runtime.dtype,
@@ -274,6 +270,7 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         manifest=manifest,
         model_cfg=model_cfg,
         vocab=vocab,
+        objective=objective,
         engine=engine,
         loader=loader,
         tracker=tracker,
@@ -392,7 +389,14 @@ def _save(r: _Run, state) -> None:
 
 def _validate_and_sample(r: _Run, state) -> None:
     val = validate(
-        r.engine.module, r.cfg, r.model_cfg, r.manifest, r.vocab, r.groups, r.runtime.device
+        r.engine.module,
+        r.cfg,
+        r.objective,
+        r.model_cfg,
+        r.manifest,
+        r.vocab,
+        r.groups,
+        r.runtime.device,
     )
     r.history["validation (ELBO)"].append((state.step, val))
     log.info("validation at step %d: loss %.4f, perplexity %.2f", state.step, val, math.exp(val))
@@ -406,7 +410,7 @@ def _validate_and_sample(r: _Run, state) -> None:
 def _write_samples(r: _Run, step: int) -> None:
     """Every rank samples (tensor ranks gather the logits together); rank 0 writes."""
     samples = generate(
-        r.cfg.objective.name,
+        r.objective,
         r.engine.module.forward_funcs,
         r.vocab,
         SamplingConfig(steps=r.cfg.train.sample_steps, num_samples=r.cfg.train.num_samples),

@@ -31,13 +31,13 @@ FAKE = Runtime(DEVICE, torch.float32, BACKEND)
 ALLOWED = {
     ("h2d", "data_pipeline/reader.py:<genexpr>"),  # Batch.to: the micro-batch, once
     ("h2d", "pretrain/objectives/vocab.py:to"),  # the real-id mask and ids, once per run
-    ("h2d", "pretrain/sampling.py:_uniform"),  # the sampler's host-drawn float64 uniforms
+    ("h2d", "pretrain/objectives/draws.py:host_uniform"),  # the samplers' float64 uniforms
     ("d2h", "pretrain/trainer.py:run"),  # the step's loss, once per step
     ("d2h", "pretrain/trainer.py:_grad_norm"),  # DeepSpeed's norm, once per step
     ("d2h", "pretrain/trainer.py:agreed"),  # the stop flag, once per step
     ("d2h", "pretrain/trainer.py:validate"),  # the validation loss, once per validation
     ("d2h", "pretrain/trainer.py:<genexpr>"),  # samples to text
-    ("d2h", "pretrain/sampling.py:sample_mdlm"),  # "anything left to reveal?", per step
+    ("d2h", "pretrain/objectives/mdlm.py:sample"),  # "anything left to reveal?", per step
     ("sync", "pretrain/objectives/mdlm.py:per_token_loss"),  # the masked tokens' count
 }
 
@@ -82,7 +82,7 @@ def _pipeline_steps(rank: int, world_size: int, dataset: Path, run_dir: Path) ->
         cfg = _config(dataset, run_dir, "train.steps=3", "parallel.pipeline=2")
         r, _ = trainer._setup(cfg, FAKE)
         batches = trainer._noised_micro_batches(
-            iter(r.loader), cfg, r.vocab, r.groups, 0, FAKE.device
+            iter(r.loader), cfg, r.objective, r.vocab, r.groups, 0, FAKE.device
         )
         assert all(p.device == DEVICE for p in r.engine.module.parameters())
         transfers.events.clear()

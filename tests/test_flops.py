@@ -26,16 +26,17 @@ def test_analytic_forward_flops_match_the_flop_counter(objective):
     causal saving is added back before comparing."""
     groups = init_process_groups(ParallelConfig(), Runtime.detect())
     cfg = ModelConfig.preset("cpu-small", vocab_size=2048, seq_len=256)
-    model = build_pipeline(cfg, groups, OBJECTIVES[objective].CAUSAL)
+    spec = OBJECTIVES[objective]()
+    model = build_pipeline(cfg, groups, spec.causal)
     vocab = Vocab.build(cfg.vocab_size, mask_id=4)
     x0 = torch.randint(5, cfg.vocab_size, (1, cfg.seq_len))
     t = torch.tensor([0.5])
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        logits = model((x0, OBJECTIVES[objective].time_input(t)))
-        OBJECTIVES[objective].per_token_loss(logits, x0, x0, t, vocab).mean()
+        logits = model((x0, spec.time_input(t)))
+        spec.per_token_loss(logits, x0, x0, t, vocab).mean()
     counted = counter.get_total_flops()
     analytic = forward_flops_per_sequence(cfg, objective, cfg.seq_len)
-    if OBJECTIVES[objective].CAUSAL:
+    if spec.causal:
         analytic += attention_flops_per_sequence(cfg, cfg.seq_len, causal=False) // 2
     assert abs(analytic - counted) / counted < 0.02
 

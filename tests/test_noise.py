@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from dlm_pretrain.pretrain.kernels import KERNELS_ENV
-from dlm_pretrain.pretrain.objectives import OBJECTIVES, duo, mdlm
+from dlm_pretrain.pretrain.objectives import MDLM, Duo
 from dlm_pretrain.pretrain.objectives.randomness import philox4x32, philox_key, row_keys
 from dlm_pretrain.pretrain.objectives.schedule import EPS, alpha, sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
 VOCAB = Vocab.build(300, mask_id=4, never_in_data=(3, 299, 298))
 G, L, SEED, STEP = 16, 64, 1234, 77
+NOISED = {"mdlm": MDLM(seed=SEED), "duo": Duo(seed=SEED)}
 
 
 def _global_batch():
@@ -30,7 +31,7 @@ def _noised(name: str, dp_size: int, micro: int) -> torch.Tensor:
         for m in range(per_rank // micro):
             rows = torch.arange(rank * per_rank + m * micro, rank * per_rank + (m + 1) * micro)
             t = sample_t(SEED, STEP, rows, G)
-            pieces.append(OBJECTIVES[name].noise(x0[rows], t, sample_ids[rows], SEED, VOCAB))
+            pieces.append(NOISED[name].noise(x0[rows], t, sample_ids[rows], VOCAB))
     return torch.cat(pieces)
 
 
@@ -62,9 +63,9 @@ def test_corruption_rates_match_alpha(t_value):
     ids = torch.arange(n_rows) + 1000
     p = 1 - alpha(t)[0].item()
     tolerance = 5 * (p * (1 - p) / x0.numel()) ** 0.5
-    masked = mdlm.noise(x0, t, ids, SEED, VOCAB) == VOCAB.mask_id
+    masked = NOISED["mdlm"].noise(x0, t, ids, VOCAB) == VOCAB.mask_id
     assert abs(masked.float().mean().item() - p) < tolerance
-    xt = duo.noise(x0, t, ids, SEED, VOCAB)
+    xt = NOISED["duo"].noise(x0, t, ids, VOCAB)
     # a replaced token equals the original with probability 1/K
     k = VOCAB.num_real
     changed = p * (1 - 1 / k)
@@ -99,7 +100,7 @@ def test_noising_kernel_equals_its_twin_bit_for_bit(name, monkeypatch):
     x0 = VOCAB.real_ids[torch.randint(VOCAB.num_real, (6, 1500), generator=g)]
     t = torch.tensor([1e-3, 0.1, 0.4, 0.6, 0.9, 0.999])
     ids = torch.randperm(10_000, generator=g)[:6]
-    twin = OBJECTIVES[name].noise(x0, t, ids, SEED, VOCAB)
+    twin = NOISED[name].noise(x0, t, ids, VOCAB)
     monkeypatch.setenv(KERNELS_ENV, "triton")
-    kernel = OBJECTIVES[name].noise(x0, t, ids, SEED, VOCAB)
+    kernel = NOISED[name].noise(x0, t, ids, VOCAB)
     assert (twin != x0).any() and torch.equal(kernel, twin)

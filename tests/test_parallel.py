@@ -87,7 +87,7 @@ def _train_each_objective(
         module = r.engine.module
         grads = _capture_gradients(module)
         batches = trainer._noised_micro_batches(
-            iter(r.loader), cfg, r.vocab, r.groups, 0, r.runtime.device
+            iter(r.loader), cfg, r.objective, r.vocab, r.groups, 0, r.runtime.device
         )
         params, losses, result = dict(module.named_parameters()), [], {}
         for step in range(1, STEPS + 1):

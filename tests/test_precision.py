@@ -22,7 +22,7 @@ def _setup(dataset: Path, run_dir: Path, *extra: str):
     cfg = load_config("default", _overrides(dataset, run_dir, "data.num_workers=0", *extra))
     r, _ = trainer._setup(cfg)
     batches = trainer._noised_micro_batches(
-        iter(r.loader), cfg, r.vocab, r.groups, 0, r.runtime.device
+        iter(r.loader), cfg, r.objective, r.vocab, r.groups, 0, r.runtime.device
     )
     return r, batches
 

@@ -1,5 +1,8 @@
-"""Fused losses over vocabulary-parallel logits: the autograd functions, one per loss, and
-the choice of backend (Triton kernels for CUDA tensors, chunked PyTorch otherwise).
+"""The losses' vocabulary statistics over vocabulary-parallel logits (docs/algorithms.md §4):
+the autograd functions, one per loss, the all-reduces over the tensor group, and the choice of
+backend (Triton kernels for CUDA tensors, their chunked PyTorch twins otherwise). The
+objectives' per-token algebra builds on these; there is no second implementation (the tests
+hold them to float64 references written from the formulas, tests/reference_losses.py).
 
 Only per-token scalars are kept between the forward and the backward, which recomputes
 each block of probabilities from the logits; no [N, V] intermediate is ever built:
@@ -14,7 +17,6 @@ Non-real ids get probability zero. Under tensor parallelism every per-token part
 all-reduced over the group, here and only here; a backend computes one shard's partials.
 Rows are index tensors into the leading dimensions of the logits, which may be any strided
 view with contiguous columns (the head's transposed output): nothing is copied out.
-pretrain/objectives/reductions.py is the plain PyTorch path with the same results.
 """
 
 from __future__ import annotations

@@ -1,16 +1,25 @@
-"""The objectives, one module each with the same functions (STYLE.md §10):
+"""The objectives, one class each behind one interface (objective.Objective; docs/conventions.md
+§10), and the dict that names them for the config's `objective.name`.
 
-noise(x0, t, sample_ids, seed, vocab) -> xt           corruption, keyed by sample and position
-time_input(t) -> s                                    the scalar the adaLN conditioning sees
-per_token_loss(logits, x0, xt, t, vocab, group) -> [B, L]   the training loss per token, f32
-validation_loss(logits, x0, xt, t, vocab, group) -> [B, L]  the ELBO (exact NLL for AR)
-CAUSAL                                                the attention pattern
-
-logits are this rank's vocabulary shard [B, L, V/tp]; `group` is the tensor-parallel group
-that holds the other shards (None: the whole vocabulary). `fused=True` computes the losses
-with the memory-lean kernels of pretrain.kernels (same results).
+Importing this package imports neither megatron-core, DeepSpeed nor Triton (the CLI loads the
+config through it; the Triton kernels are imported when first used on CUDA tensors).
 """
 
-from dlm_pretrain.pretrain.objectives import ar, duo, mdlm
+from __future__ import annotations
 
-OBJECTIVES = {"ar": ar, "mdlm": mdlm, "duo": duo}
+from typing import TYPE_CHECKING
+
+from dlm_pretrain.pretrain.objectives.ar import AR
+from dlm_pretrain.pretrain.objectives.duo import Duo
+from dlm_pretrain.pretrain.objectives.mdlm import MDLM
+from dlm_pretrain.pretrain.objectives.objective import Objective
+
+if TYPE_CHECKING:  # pretrain.config imports this package
+    from dlm_pretrain.pretrain.config import ObjectiveConfig
+
+OBJECTIVES: dict[str, type[Objective]] = {"ar": AR, "mdlm": MDLM, "duo": Duo}
+
+
+def build_objective(cfg: ObjectiveConfig) -> Objective:
+    """The objective of the config's `objective` section, its options on the instance."""
+    return OBJECTIVES[cfg.name].from_config(cfg)

@@ -1,9 +1,11 @@
-"""Uniform-state diffusion, Duo (ALGORITHMS.md §3.2, §4.3): bidirectional, s = sigma_t.
+"""Uniform-state diffusion, Duo (docs/algorithms.md §3.2, §4.3, §9.2): bidirectional,
+s = sigma_t.
 
 The continuous-time ELBO of the uniform-state process over the K real ids. The compact form
-of §4.3 subtracts large terms that cancel: of order (K/t) log(K/t) at small t (pitfall P13),
-and of order r at large t. Substituting x̄_θ,j = (1 - alpha)(1 + r x̂_j), r = K alpha / (1 - alpha),
-and grouping the terms that cancel into functions that are small where their arguments are,
+of §4.3 subtracts large terms that cancel: of order (K/t) log(K/t) at small t
+(docs/pitfalls.md P13), and of order r at large t. Substituting
+x̄_θ,j = (1 - alpha)(1 + r x̂_j), r = K alpha / (1 - alpha), and grouping the terms that cancel
+into functions that are small where their arguments are,
 
     g(y) = log1p(y) - y,   h(y) = y / (1 + y) - log1p(y),   m(r) = (1 + r) log1p(r) - r,
     D = sum_j g(r x̂_j)  (the only vocabulary-wide sum),   λ_v = log1p(r x̂_v),
@@ -13,88 +15,94 @@ and grouping the terms that cancel into functions that are small where their arg
                  + ((K - 1) log1p(r) - K λ_x + r + D) / (1 + r)
     loss = alpha' / (K alpha) * B
 
-The per-token algebra and D run in float64 (in plain PyTorch D needs a [B, L, V] float64
-temporary; the fused path sums it block by block).
+The per-token algebra runs in float64; D is summed block by block in float64 by the loss
+kernels (pretrain.kernels.losses.duo_statistics), with no [B, L, V] temporary.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
-from dlm_pretrain.pretrain.kernels import losses as fused_losses
+from dlm_pretrain.pretrain.kernels.losses import duo_statistics
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
-from dlm_pretrain.pretrain.objectives.reductions import (
-    all_reduce_sum,
-    into_shards,
-    log_normaliser,
-    logit_at,
-    real_logits,
-)
+from dlm_pretrain.pretrain.objectives.draws import T_MIN, Samples, categorical, denoiser
+from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
 from dlm_pretrain.pretrain.objectives.schedule import alpha, alpha_prime, sigma
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-CAUSAL = False
+if TYPE_CHECKING:  # pretrain.config imports this package
+    from dlm_pretrain.pretrain.config import SamplingConfig
 
 
-def noise(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab) -> Tensor:
-    """With probability 1 - alpha_t replace a token by a uniform real id (possibly itself).
+@dataclass(frozen=True, kw_only=True)
+class Duo(Objective):
+    causal: ClassVar[bool] = False
+    # the softmax's 4, then r·x̂, log1p, subtract and the sum of D
+    loss_flops_per_vocab_entry: ClassVar[int] = 8
 
-    x0 [B, L] int64, t [B] -> xt [B, L] int64
-    """
-    return corrupt(x0, t, sample_ids, seed, vocab, uniform_ids=True)
+    def noise(self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab) -> Tensor:
+        """With probability 1 - alpha_t replace a token by a uniform real id (possibly itself)."""
+        return corrupt(x0, t, sample_ids, self.seed, vocab, uniform_ids=True)
 
+    def time_input(self, t: Tensor) -> Tensor:
+        """Duo is conditioned on sigma_t = -log alpha_t."""
+        return sigma(t)
 
-def time_input(t: Tensor) -> Tensor:
-    """Duo is conditioned on sigma_t = -log alpha_t."""
-    return sigma(t)
+    def per_token_loss(
+        self,
+        logits: Tensor,
+        x0: Tensor,
+        xt: Tensor,
+        t: Tensor,
+        vocab: Vocab,
+        tp_group: ProcessGroup | None = None,
+    ) -> Tensor:
+        """Uniform-state ELBO per token (also the validation figure); x0 must hold real ids.
+        -> [B, L] f32"""
+        k = vocab.num_real
+        a = alpha(t.double()).unsqueeze(1)  # [B, 1] f64
+        r = k * a / (1 - a)
+        d, p_x, p_z = duo_statistics(logits, vocab.real, x0, xt, r.expand(x0.shape), tp_group)
+        y_x, y_z = r * p_x, r * p_z
+        log1p_r = torch.log1p(r)
+        h_z = y_z / (1 + y_z) - torch.log1p(y_z)
+        m = (1 + r) * log1p_r - r
+        differ = k * h_z / (1 - a) - m + r * torch.log1p(y_x) + d
+        same = k * (1 / (1 + r) - 1 / (1 + y_x)) / (1 - a) + (
+            (k - 1) * log1p_r - k * torch.log1p(y_x) + r + d
+        ) / (1 + r)
+        bracket = torch.where(x0 == xt, same, differ)
+        return (alpha_prime(t.double()).unsqueeze(1) / (k * a) * bracket).float()
 
-
-def per_token_loss(
-    logits: Tensor,
-    x0: Tensor,
-    xt: Tensor,
-    t: Tensor,
-    vocab: Vocab,
-    group: ProcessGroup | None = None,
-    fused: bool = False,
-) -> Tensor:
-    """Uniform-state ELBO per token. x0 must hold real ids. `fused`: the vocabulary sums by
-    the memory-lean kernels (pretrain.kernels) instead of plain PyTorch.
-
-    logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32
-    """
-    k = vocab.num_real
-    a = alpha(t.double()).unsqueeze(1)  # [B, 1] f64
-    r = k * a / (1 - a)
-    if fused:
-        d, p_x, p_z = fused_losses.duo_statistics(
-            logits, vocab.real, x0, xt, r.expand(x0.shape), group
-        )
-    else:
-        d, p_x, p_z = _statistics(logits, x0, xt, r, vocab, group)
-    y_x, y_z = r * p_x, r * p_z
-    log1p_r = torch.log1p(r)
-    h_z = y_z / (1 + y_z) - torch.log1p(y_z)
-    m = (1 + r) * log1p_r - r
-    differ = k * h_z / (1 - a) - m + r * torch.log1p(y_x) + d
-    same = k * (1 / (1 + r) - 1 / (1 + y_x)) / (1 - a) + (
-        (k - 1) * log1p_r - k * torch.log1p(y_x) + r + d
-    ) / (1 + r)
-    bracket = torch.where(x0 == xt, same, differ)
-    return (alpha_prime(t.double()).unsqueeze(1) / (k * a) * bracket).float()
-
-
-def _statistics(logits, x0, xt, r, vocab, group) -> tuple[Tensor, Tensor, Tensor]:
-    """(D, x̂[x0], x̂[xt]) [B, L] f64 in plain PyTorch: a [B, L, V/tp] float64 temporary."""
-    masked = real_logits(logits, vocab.real, group)
-    lse = log_normaliser(masked, group)  # [B, L] f32
-    log_p = masked - into_shards(lse, group).unsqueeze(-1)  # [B, L, V/tp] f32
-    y = r.unsqueeze(-1) * log_p.double().exp()  # r x̂
-    d = all_reduce_sum((torch.log1p(y) - y).sum(-1), group)
-    p_x = (logit_at(masked, x0, group) - lse).double().exp()
-    p_z = (logit_at(masked, xt, group) - lse).double().exp()
-    return d, p_x, p_z
-
-
-validation_loss = per_token_loss
+    def sample(
+        self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
+    ) -> Samples:
+        """Ancestral steps of the uniform-state posterior with x̂ for x (§9.2), from the uniform
+        prior over real ids, then a greedy final step (argmax x̂)."""
+        generator, device = torch.Generator().manual_seed(cfg.seed), model.device
+        real = vocab.real.double()
+        k = vocab.num_real
+        prior = torch.randint(k, (cfg.num_samples, seq_len), generator=generator)
+        x = vocab.real_ids[prior.to(device)]
+        grid = torch.linspace(1.0, T_MIN, cfg.steps + 1, dtype=torch.float64).tolist()
+        for i in range(cfg.steps):
+            t = torch.full((cfg.num_samples,), grid[i], device=device)
+            x_hat = denoiser(model.logits(x, sigma(t)), vocab, cfg.top_p)
+            a_t, a_s = alpha(grid[i]), alpha(grid[i + 1])
+            a_ts = a_t / a_s
+            e_z = torch.nn.functional.one_hot(x, vocab.size).double()
+            x_hat_z = x_hat.gather(-1, x.unsqueeze(-1))
+            q = (
+                k * a_t * x_hat * e_z
+                + (a_ts - a_t) * e_z
+                + (a_s - a_t) * x_hat
+                + (1 - a_ts) * (1 - a_s) / k * real
+            )
+            x = categorical(q / (k * a_t * x_hat_z + 1 - a_t), generator)
+        t = torch.full((cfg.num_samples,), T_MIN, device=device)
+        x_hat = denoiser(model.logits(x, sigma(t)), vocab, 1.0)
+        return Samples(x_hat.argmax(-1), cfg.steps + 1)

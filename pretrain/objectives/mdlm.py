@@ -1,61 +1,117 @@
-"""Masked (absorbing-state) diffusion, MDLM (ALGORITHMS.md §3.1, §4.2): bidirectional, s = 0.
+"""Masked (absorbing-state) diffusion, MDLM (docs/algorithms.md §3.1, §4.2, §9.1):
+bidirectional, s = 0.
 
 loss_type "elbo": (1/t) CE on masked tokens, the continuous-time ELBO of the log-linear
 schedule (alpha'_t / (1 - alpha_t) = -1/t exactly). "cross_entropy": the same without 1/t,
-the paper's low-variance training objective. Validation is always the ELBO. Unmasked tokens
-score 0 (carry-over) and the mask id is never predicted (zero-masking).
+the paper's low-variance training objective. Validation is always the ELBO (docs/pitfalls.md
+P18). Unmasked tokens score 0 (carry-over) and the mask id is never predicted (zero-masking).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
+from dlm_pretrain.common.errors import ConfigError
+from dlm_pretrain.pretrain.kernels.losses import cross_entropy
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
-from dlm_pretrain.pretrain.objectives.reductions import cross_entropy_at
+from dlm_pretrain.pretrain.objectives.draws import (
+    T_MIN,
+    Samples,
+    categorical,
+    denoiser,
+    host_uniform,
+)
+from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
+from dlm_pretrain.pretrain.objectives.schedule import alpha
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-CAUSAL = False
+if TYPE_CHECKING:  # pretrain.config imports this package
+    from dlm_pretrain.pretrain.config import ObjectiveConfig, SamplingConfig
+
 LOSS_TYPES = ("elbo", "cross_entropy")
 
 
-def noise(x0: Tensor, t: Tensor, sample_ids: Tensor, seed: int, vocab: Vocab) -> Tensor:
-    """Mask each token with probability 1 - alpha_t. x0 [B, L] int64, t [B] -> xt [B, L] int64"""
-    return corrupt(x0, t, sample_ids, seed, vocab, uniform_ids=False)
+@dataclass(frozen=True, kw_only=True)
+class MDLM(Objective):
+    loss_type: str = "elbo"  # the training loss, one of LOSS_TYPES
 
+    causal: ClassVar[bool] = False
+    loss_flops_per_vocab_entry: ClassVar[int] = 4
 
-def time_input(t: Tensor) -> Tensor:
-    """MDLM is not time-conditioned: s = 0 (P21)."""
-    return torch.zeros_like(t)
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"objective.loss_type={self.loss_type!r}; choose one of {LOSS_TYPES}")
 
+    @classmethod
+    def from_config(cls, cfg: ObjectiveConfig) -> MDLM:
+        return cls(seed=cfg.seed, loss_type=cfg.loss_type)
 
-def per_token_loss(
-    logits: Tensor,
-    x0: Tensor,
-    xt: Tensor,
-    t: Tensor,
-    vocab: Vocab,
-    group: ProcessGroup | None = None,
-    loss_type: str = "elbo",
-    fused: bool = False,
-) -> Tensor:
-    """logits [B, L, V/tp] bf16|f32; x0, xt [B, L] int64; t [B] f32 -> [B, L] f32"""
-    masked = xt == vocab.mask_id
-    rows = masked.nonzero(as_tuple=True)  # only masked tokens are scored: carry-over
-    ce = cross_entropy_at(logits, rows, vocab.real, x0[rows], group, fused)
-    if loss_type == "elbo":
-        ce = ce / t.float()[rows[0]]
-    return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)
+    def noise(self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab) -> Tensor:
+        """Mask each token with probability 1 - alpha_t."""
+        return corrupt(x0, t, sample_ids, self.seed, vocab, uniform_ids=False)
 
+    def time_input(self, t: Tensor) -> Tensor:
+        """MDLM is not time-conditioned: s = 0 (docs/pitfalls.md P21)."""
+        return torch.zeros_like(t)
 
-def validation_loss(
-    logits: Tensor,
-    x0: Tensor,
-    xt: Tensor,
-    t: Tensor,
-    vocab: Vocab,
-    group: ProcessGroup | None = None,
-    fused: bool = False,
-) -> Tensor:
-    """The ELBO, whatever the training loss_type (pitfall P18). -> [B, L] f32"""
-    return per_token_loss(logits, x0, xt, t, vocab, group, "elbo", fused)
+    def per_token_loss(
+        self,
+        logits: Tensor,
+        x0: Tensor,
+        xt: Tensor,
+        t: Tensor,
+        vocab: Vocab,
+        tp_group: ProcessGroup | None = None,
+    ) -> Tensor:
+        """-> [B, L] f32"""
+        masked = xt == vocab.mask_id
+        rows = masked.nonzero(as_tuple=True)  # host sync: the masked tokens' count
+        ce = cross_entropy(logits, vocab.real, x0[rows], rows, tp_group)  # carry-over: masked only
+        if self.loss_type == "elbo":
+            ce = ce / t.float()[rows[0]]
+        return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)
+
+    def validation_loss(
+        self,
+        logits: Tensor,
+        x0: Tensor,
+        xt: Tensor,
+        t: Tensor,
+        vocab: Vocab,
+        tp_group: ProcessGroup | None = None,
+    ) -> Tensor:
+        """The ELBO, whatever the training loss_type. -> [B, L] f32"""
+        elbo = replace(self, loss_type="elbo")
+        return elbo.per_token_loss(logits, x0, xt, t, vocab, tp_group)
+
+    def sample(
+        self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
+    ) -> Samples:
+        """Ancestral steps from the all-mask prior (§9.1): a masked token is revealed between t
+        and s with probability (alpha_s - alpha_t) / (1 - alpha_t), as a draw from x̂; revealed
+        tokens are kept. x̂ does not depend on t, so a step that reveals nothing reuses it."""
+        generator, device = torch.Generator().manual_seed(cfg.seed), model.device
+        x = torch.full((cfg.num_samples, seq_len), vocab.mask_id, dtype=torch.int64, device=device)
+        s0 = torch.zeros(cfg.num_samples, device=device)
+        grid = torch.linspace(1.0, T_MIN, cfg.steps + 1, dtype=torch.float64).tolist()
+        p, passes = None, 0
+        for i in range(cfg.steps + 1):
+            masked = x == vocab.mask_id
+            if not masked.any():  # host sync: once per step
+                break
+            if p is None:
+                p, passes = denoiser(model.logits(x, s0), vocab, cfg.top_p), passes + 1
+            if i < cfg.steps:  # the last pass reveals everything left (alpha_s = 1)
+                a_t, a_s = alpha(grid[i]), alpha(grid[i + 1])
+                reveal = host_uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
+            else:
+                reveal = torch.ones_like(masked)
+            reveal &= masked
+            if reveal.any():
+                x = torch.where(reveal, categorical(p, generator), x)
+                p = None
+        return Samples(x, passes)

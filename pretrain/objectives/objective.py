@@ -1,0 +1,96 @@
+"""The one interface of every objective (docs/conventions.md §10).
+
+An objective is a frozen dataclass whose fields are its options (the noise seed, MDLM's
+loss_type); the trainer, validation, sampling, the smoke check and the FLOPs accounting use
+only this interface, so adding an objective touches none of them. Shapes (docs/algorithms.md
+§1): x0, xt [B, L] int64 token ids; t [B] f32 in [eps, 1); logits are this rank's vocabulary
+shard [B, L, V/tp] and `tp_group` the tensor-parallel group that holds the other shards
+(None: the whole vocabulary).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+from dlm_pretrain.pretrain.objectives.draws import Samples
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+if TYPE_CHECKING:  # pretrain.config imports this package
+    from dlm_pretrain.pretrain.config import ObjectiveConfig, SamplingConfig
+
+
+class Denoiser(Protocol):
+    """The whole model as a sampler sees it (pretrain.sampling builds it from the layers)."""
+
+    device: torch.device
+
+    def logits(self, tokens: Tensor, s: Tensor) -> Tensor:
+        """Full logits, gathered over the tensor group. tokens [N, L], s [N] -> [N, L, V] f32"""
+
+    def decoder(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """An incremental causal decoder with its own key/value caches: each call takes the
+        next tokens [N, l] and s [N] and returns their full logits [N, l, V]."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Objective(ABC):
+    seed: int = 0  # of the corruption (t is drawn by schedule.sample_t with the same seed)
+
+    causal: ClassVar[bool]  # the attention pattern of the backbone
+    # Elementwise FLOPs per token per vocabulary entry of the loss (an estimate for the FLOPs
+    # accounting: max, subtract, exp, sum for the softmax, plus the objective's own sums).
+    loss_flops_per_vocab_entry: ClassVar[int]
+
+    @classmethod
+    def from_config(cls, cfg: ObjectiveConfig) -> Objective:
+        """The objective of the config's `objective` section; options it has no use for are
+        ignored."""
+        return cls(seed=cfg.seed)
+
+    @abstractmethod
+    def noise(self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab) -> Tensor:
+        """xt, keyed by (seed, global sample index, position). x0 [B, L], t [B], sample_ids
+        [B] -> [B, L] int64 on x0's device"""
+
+    @abstractmethod
+    def time_input(self, t: Tensor) -> Tensor:
+        """The scalar s the adaLN conditioning sees. [B] -> [B]"""
+
+    @abstractmethod
+    def per_token_loss(
+        self,
+        logits: Tensor,
+        x0: Tensor,
+        xt: Tensor,
+        t: Tensor,
+        vocab: Vocab,
+        tp_group: ProcessGroup | None = None,
+    ) -> Tensor:
+        """The training loss per token. logits [B, L, V/tp] bf16|f32 -> [B, L'] f32 (L' = L,
+        or L - 1 where the last position predicts nothing); the token mean is the loss."""
+
+    def validation_loss(
+        self,
+        logits: Tensor,
+        x0: Tensor,
+        xt: Tensor,
+        t: Tensor,
+        vocab: Vocab,
+        tp_group: ProcessGroup | None = None,
+    ) -> Tensor:
+        """The per-token bound whose mean is the validation figure (the ELBO; the exact NLL
+        for AR); the training loss unless the objective trains on something else."""
+        return self.per_token_loss(logits, x0, xt, t, vocab, tp_group)
+
+    @abstractmethod
+    def sample(
+        self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
+    ) -> Samples:
+        """cfg.num_samples sequences of seq_len tokens (docs/algorithms.md §9); start_id is the
+        token before a document, for samplers that start from one."""

@@ -1,0 +1,89 @@
+"""Float64 references for every loss, written from the formulas of docs/algorithms.md §4 as
+straightforwardly as possible (full-vocabulary tensors, autograd for the gradients). They
+never call the code under test; the production losses (pretrain.objectives over the kernels
+of pretrain.kernels.losses) are held to them in test_objectives.py and test_kernels.py.
+
+Each takes logits [B, L, V] (any float dtype, widened to float64), x0, xt [B, L] int64, t [B]
+and a Vocab; non-real ids have probability zero (zero-masking, §4.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
+from torch import Tensor
+
+EPS = 1e-3  # alpha_t = 1 - (1 - EPS) t, the log-linear schedule (§2.1)
+
+
+def alpha(t: Tensor) -> Tensor:
+    return 1 - (1 - EPS) * t.double()
+
+
+def log_probs(logits: Tensor, vocab: Vocab) -> Tensor:
+    """float64 log softmax over the real ids; -inf elsewhere. -> [B, L, V]"""
+    z = logits.double().masked_fill(~vocab.real, -math.inf)
+    return z - torch.logsumexp(z, -1, keepdim=True)
+
+
+def ar(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:
+    """§4.7: -log x̂[x0 at l + 1] from position l. -> [B, L - 1]"""
+    return -log_probs(logits, vocab)[:, :-1].gather(-1, x0[:, 1:, None]).squeeze(-1)
+
+
+def mdlm_cross_entropy(logits, x0, xt, t, vocab: Vocab) -> Tensor:
+    """§4.2 low_var: CE on masked tokens, 0 elsewhere. -> [B, L]"""
+    ce = -log_probs(logits, vocab).gather(-1, x0[..., None]).squeeze(-1)
+    return torch.where(xt == vocab.mask_id, ce, 0.0)
+
+
+def mdlm_elbo(logits, x0, xt, t, vocab: Vocab) -> Tensor:
+    """§4.2 ELBO of the log-linear schedule: (1/t) CE on masked tokens. -> [B, L]"""
+    return mdlm_cross_entropy(logits, x0, xt, t, vocab) / t.double()[:, None]
+
+
+def duo_compact(logits, x0, xt, t, vocab: Vocab) -> Tensor:
+    """§4.3 compact form over the K real ids. -> [B, L]"""
+    k, real = vocab.num_real, vocab.real
+    p = log_probs(logits, vocab).exp()[..., real]  # [B, L, K]
+    real_index = torch.cumsum(real.long(), 0) - 1
+    x, z = real_index[x0], real_index[xt]
+    a = alpha(t)[:, None, None]
+    a_prime = -(1 - EPS)
+    bar = k * a * torch.nn.functional.one_hot(x, k).double() + (1 - a)
+    bar_theta = k * a * p + (1 - a)
+    bar_z = bar.gather(-1, z[..., None])
+    bar_theta_z = bar_theta.gather(-1, z[..., None])
+    log_ratio = torch.log(bar_theta_z * bar / (bar_theta * bar_z))
+    sum_term = (bar / bar_z * log_ratio).sum(-1, keepdim=True)
+    return (a_prime / (k * a) * (k / bar_z - k / bar_theta_z - sum_term)).squeeze(-1)
+
+
+def duo_expanded(logits, x0, xt, t, vocab: Vocab) -> Tensor:
+    """§4.3 expanded form as the reference code organises it. -> [B, L]"""
+    k, real = vocab.num_real, vocab.real
+    p = log_probs(logits, vocab).exp()[..., real]
+    real_index = torch.cumsum(real.long(), 0) - 1
+    x, z = real_index[x0], real_index[xt]
+    a = alpha(t)[:, None]
+    a_prime = -(1 - EPS)
+    delta = (x == z).double()
+    c = (1 - a) / (k * a + 1 - a)
+    bar_theta = k * a[..., None] * p + (1 - a[..., None])
+    s = torch.log(bar_theta).sum(-1)
+    log_theta_z = torch.log(bar_theta.gather(-1, z[..., None]).squeeze(-1))
+    log_theta_x = torch.log(bar_theta.gather(-1, x[..., None]).squeeze(-1))
+    coeff = a_prime / (k * a)
+    term1 = k * (1 / ((1 - a) + k * a * delta) - 1 / log_theta_z.exp())
+    offset = ((k - 1) * c * delta - (1 / c) * (1 - delta)) * torch.log(c)
+    theta = -(delta * c + (1 - delta)) * (s - k * log_theta_z) - (1 - delta) * (k * a / (1 - a)) * (
+        log_theta_x - log_theta_z
+    )
+    return coeff * (term1 - (theta + offset))
+
+
+# Per test case (test_objectives.CASES): the training loss and the validation bound.
+TRAINING = {"ar": ar, "mdlm-elbo": mdlm_elbo, "mdlm-ce": mdlm_cross_entropy, "duo": duo_compact}
+VALIDATION = {"ar": ar, "mdlm-elbo": mdlm_elbo, "mdlm-ce": mdlm_elbo, "duo": duo_compact}
