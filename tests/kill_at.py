@@ -7,9 +7,9 @@ kills inside that work every time, on any machine (no polling for a window to hi
             shards  the first file of the engine's shards is written into .incomplete-TAG
             rename  every shard is written; .incomplete-TAG/TAG is not renamed to TAG yet
             latest  TAG is renamed; `latest` does not name it yet
-    python tests/kill_at.py prepare:N prepare --out DIR ...
-        `dlm prepare --out DIR ...`, killed once train shard N-1 is renamed and shard N is
-        open under its temporary name
+    python tests/kill_at.py prepare:N prepare ...
+        `dlm prepare ...`, killed once train shard N-1 is renamed and shard N is open under
+        its temporary name
 """
 
 from __future__ import annotations

@@ -19,8 +19,6 @@ from dlm_pretrain.launch.cli import main
 from dlm_pretrain.parallel.groups import environment_from_slurm, expand_nodelist
 from test_train import ONE_THREAD, _launch, _overrides, _torchrun, _wait_for_step
 
-pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
-
 # Long enough never to finish: the runs below end by a signal.
 UNFINISHED = ("train.steps=1000", "train.checkpoint_every=1000", "train.val_every=1000")
 
@@ -83,6 +81,7 @@ def _wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout_s: floa
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # whole runs
 def test_sigusr1_to_dlm_train_saves_on_every_rank_exits_0_and_resumes(dataset, tmp_path):
     """Regression: SIGUSR1 (SLURM's preemption warning) to `dlm train --nproc 2` killed dlm
     (exit 138) and left the deepspeed runner, its launcher and both workers running."""
@@ -108,6 +107,7 @@ def test_sigusr1_to_dlm_train_saves_on_every_rank_exits_0_and_resumes(dataset, t
     assert _saved_step(run_dir) == saved + 1
 
 
+@pytest.mark.slow  # whole runs
 def test_sigterm_before_the_workers_can_take_it_is_kept_for_them(dataset, tmp_path):
     """SIGTERM while the workers are still starting (SIGUSR1 would kill a worker that has
     not installed its handler): dlm keeps the request and forwards it once they can take it;
@@ -123,6 +123,7 @@ def test_sigterm_before_the_workers_can_take_it_is_kept_for_them(dataset, tmp_pa
     assert 1 <= _saved_step(run_dir) < 1000
 
 
+@pytest.mark.slow  # whole runs
 def test_a_second_sigint_kills_every_process_of_the_run(dataset, tmp_path):
     """Ctrl-C no longer reaches the launcher's session: a second one is how a user stops a
     run at once. Nothing is left running."""
@@ -138,6 +139,7 @@ def test_a_second_sigint_kills_every_process_of_the_run(dataset, tmp_path):
         _no_process_left(run_dir)
 
 
+@pytest.mark.slow  # whole runs
 def test_hostfile_without_nproc_uses_every_slot(dataset, tmp_path):
     (tmp_path / "hostfile").write_text("# one node\nlocalhost slots=2\n")
     run_dir = tmp_path / "hostfile-run"
@@ -179,6 +181,7 @@ def test_a_hostfile_that_does_not_fit_is_refused_before_launching(
     assert not (tmp_path / "r").exists()  # nothing was launched
 
 
+@pytest.mark.slow  # whole runs
 def test_srun_without_a_launcher_trains_data_parallel(dataset, tmp_path):
     """Two tasks as srun starts them: SLURM's variables only, no RANK, WORLD_SIZE,
     LOCAL_RANK or MASTER_ADDR."""

@@ -11,15 +11,16 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from distributed import _free_port, run_distributed
 from dlm_pretrain.pretrain.config import SamplingConfig, load_config
 from dlm_pretrain.pretrain.run_sampling import sample_run
 from dlm_pretrain.pretrain.trainer import run
-
-pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
+from kill_at import SAVE_POINTS
 
 BASE = [
     "model.size=tiny",
@@ -47,6 +48,16 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+def test_two_steps_train_validate_sample_and_save(dataset, tmp_path):
+    """The whole loop in one process, small enough for the quick subset: two steps, a
+    validation and a sample at each end, and the final checkpoint."""
+    run_dir = _train(dataset, tmp_path / "quick", "train.steps=2", "train.val_every=2")
+    assert _losses(run_dir).keys() == {1, 2}
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
+    assert (run_dir / "samples" / "step00000002.txt").stat().st_size > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["ar", "mdlm", "duo"])
 def test_loss_falls_for_each_objective(dataset, tmp_path, objective):
     extra = ("train.steps=40", "train.val_every=40", "train.checkpoint_every=40")
@@ -57,6 +68,7 @@ def test_loss_falls_for_each_objective(dataset, tmp_path, objective):
     assert (run_dir / "samples" / "step00000040.txt").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mdlm", "duo"])
 def test_fused_and_plain_losses_train_alike(dataset, tmp_path, objective):
     """The memory-lean loss kernels (the default) and the plain PyTorch path: same losses."""
@@ -67,6 +79,7 @@ def test_fused_and_plain_losses_train_alike(dataset, tmp_path, objective):
     assert all(abs(fused[s] - plain[s]) <= 1e-5 * abs(plain[s]) for s in plain)
 
 
+@pytest.mark.slow
 def test_mlflow_holds_params_metrics_and_artifacts(dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -91,6 +104,7 @@ def _dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -> None:
     _train(dataset, run_dir, "train.steps=10", "data.num_workers=1", "train.micro_batch=8")
 
 
+@pytest.mark.slow
 def test_data_parallel_2_equals_one_process(dataset, tmp_path):
     """The same global batches: one process with two loader workers reads the same two
     streams as two ranks with one worker each (16 = 2 x 8 sequences per step)."""
@@ -141,6 +155,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
     raise AssertionError(f"the run did not reach step {step}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "nproc, layout",
     [(2, []), (4, ["parallel.tensor=2", "parallel.pipeline=2"])],
@@ -193,62 +208,81 @@ def test_sigkill_and_resume_reproduce_every_loss(dataset, tmp_path, nproc, layou
         assert sample_run(straight, sampling).texts == sample_run(one, sampling).texts
 
 
-def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
+# One process stopped (a signal) or killed (inside a save) and started again, against the
+# same run never interrupted: every loss equal means the data position resumed exactly.
+RESUMABLE = ("train.steps=16", "train.checkpoint_every=4", "train.val_every=100")
+KILL_AT = str(Path(__file__).with_name("kill_at.py"))
+
+
+def _one_process(dataset: Path, run_dir: Path, *entry: str) -> list[str]:
+    entry = entry or ("-m", "dlm_pretrain.launch.train")
+    return [sys.executable, *entry, "default", *_overrides(dataset, run_dir, *RESUMABLE)]
+
+
+def _saved_step(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory) -> dict[int, float]:
+    """The losses of the RESUMABLE run in one process, never stopped."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert _launch(_one_process(dataset, run_dir), run_dir).wait(timeout=300) == 0
+    losses = _losses(run_dir)
+    assert losses.keys() == set(range(1, 17))
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_saves_at_the_next_step_exits_0_and_resumes_exactly(
+    dataset, tmp_path, uninterrupted, sig
+):
+    """SLURM's preemption warning (SIGUSR1, as `srun --signal=USR1@T` sends it to each task)
+    or SIGTERM to a training process: it saves at the next step boundary and exits 0; started
+    again, it resumes from that checkpoint with the exact data position. A process that
+    ignored the signal would train on to step 16; one that took the default action would
+    die with -SIGUSR1 / -SIGTERM."""
     run_dir = tmp_path / "preempted"
-    extra = ("train.steps=1000", "train.checkpoint_every=1000")
-    command = [
-        sys.executable,
-        "-m",
-        "dlm_pretrain.launch.train",
-        "default",
-        *_overrides(dataset, run_dir, *extra),
-    ]
-    proc = _launch(command, run_dir)
+    proc = _launch(_one_process(dataset, run_dir), run_dir)
     _wait_for_step(run_dir, 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=120) == 0
-    tag = (run_dir / "checkpoints" / "latest").read_text()
-    assert 3 <= int(tag.removeprefix("step")) < 1000
+    saved = _saved_step(run_dir)
+    assert 3 <= saved < 16, f"the run went on to step {saved}"
+    assert max(_losses(run_dir)) == saved, "the run did not stop at the step it saved"
+    assert _launch(_one_process(dataset, run_dir), run_dir).wait(timeout=300) == 0
+    assert f"resumed from step {saved}" in (tmp_path / "preempted.log").read_text()
+    assert _losses(run_dir) == uninterrupted
 
 
-def test_kill_during_a_save_leaves_the_previous_checkpoint(dataset, tmp_path):
-    """SIGKILL while a checkpoint is being written: `latest` still names a complete one,
-    and the next start resumes from it and removes the partial save."""
-    run_dir = tmp_path / "atomic"
-
-    def command(steps: int) -> list[str]:
-        extra = (
-            "model.size=19M",
-            f"train.steps={steps}",
-            "train.checkpoint_every=1",
-            "train.val_every=1000",
-        )
-        return [
-            sys.executable,
-            "-m",
-            "dlm_pretrain.launch.train",
-            "default",
-            *_overrides(dataset, run_dir, *extra),
-        ]
-
-    proc = _launch(command(1000), run_dir)
-    deadline = time.time() + 300
+@pytest.mark.slow
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_a_kill_inside_a_save_leaves_the_previous_checkpoint(
+    dataset, tmp_path, uninterrupted, point
+):
+    """SIGKILL inside step 8's save (tests/kill_at.py kills the process there every
+    time): while the engine writes its shards, before the staged directory is renamed, or
+    after the rename but before `latest` names it. `latest` still names step 4's complete
+    checkpoint; the next start removes the partial save, loads step 4 and reproduces every
+    loss of the uninterrupted run."""
+    run_dir = tmp_path / "killed"
     root = run_dir / "checkpoints"
-    while time.time() < deadline and proc.poll() is None:
-        if (root / "latest").is_file() and list(root.glob(".incomplete-*")):
-            break
-        time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert list(root.glob(".incomplete-*")), "the kill did not land inside a save"
-    tag = (root / "latest").read_text()
-    assert (root / tag).is_dir()
-    resumed = _launch(command(int(tag.removeprefix("step")) + 1), run_dir)
-    assert resumed.wait(timeout=300) == 0
+    proc = _launch(_one_process(dataset, run_dir, KILL_AT, f"save:8:{point}"), run_dir)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    assert (root / "latest").read_text() == "step00000004"
+    staged = root / ".incomplete-step00000008"
+    if point == "latest":
+        assert (root / "step00000008").is_dir() and not staged.exists()
+    else:
+        assert staged.is_dir() and not (root / "step00000008").exists()
+    assert _launch(_one_process(dataset, run_dir), run_dir).wait(timeout=300) == 0
+    assert "resumed from step 4" in (tmp_path / "killed.log").read_text()
     assert not list(root.glob(".incomplete-*"))
-    assert "resumed from step" in (run_dir.parent / "atomic.log").read_text()
+    assert _losses(run_dir) == uninterrupted
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path):
     """A learning rate of 1e30 overflows the parameters after one update; the next steps
     are non-finite, skipped and counted, and the third in a row stops the run with a
@@ -273,6 +307,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path):
     assert (tmp_path / "diverged/checkpoints/latest").is_file()
 
 
+@pytest.mark.slow
 def test_resume_in_one_process_and_on_another_data_parallel_size(dataset, tmp_path):
     """dp=1 stopped at step 4 and restarted matches an uninterrupted run exactly; the same
     checkpoint then continues on dp=2, and `dlm sample` reads the result."""
@@ -299,6 +334,7 @@ def _continue_on_dp2(rank: int, world_size: int, dataset: Path, run_dir: Path) -
     )
 
 
+@pytest.mark.slow
 def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
     from dlm_pretrain.data_pipeline import open_dataset
     from dlm_pretrain.pretrain.flops import training_flops_per_sequence
@@ -324,18 +360,66 @@ def test_a_dataset_that_does_not_match_the_run_is_refused(dataset, tmp_path):
         _train(dataset, tmp_path / "mismatch", "train.steps=1", "data.seq_len=128")
 
 
-def test_vocabulary_is_padded_and_padding_is_never_real(dataset):
+class _FavoursTheIdsThatAreNotReal:
+    """A model as a sampler sees it (objectives.objective.Denoiser) whose logits put almost
+    all the mass on the ids that are not real: a sampler that let them through draws them."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, vocab) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.row = torch.randn(vocab.size, generator=g).masked_fill(~vocab.real, 30.0)
+
+    def logits(self, tokens: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return self.row.expand(*tokens.shape, -1)
+
+    def decoder(self):
+        return self.logits
+
+
+def test_vocabulary_is_padded_per_tensor_size_and_padding_is_never_real(dataset):
+    """V is the tokenizer's size rounded up to a multiple of 128 x tensor size: for 300 pieces
+    384, 512 and 1024 at tensor sizes 1, 2 and 8 (padding that ignored the tensor size, or
+    multiplied it in after rounding, gives another V). The padding ids, the tokenizer's pad
+    and the mask are never noised to, take no probability in any loss, and are never sampled,
+    even from logits that favour them."""
     from dlm_pretrain.data_pipeline import open_dataset
     from dlm_pretrain.pretrain.model_spec import model_spec
+    from dlm_pretrain.pretrain.objectives import OBJECTIVES
 
-    manifest = open_dataset(dataset)  # 400 pieces
-    for tensor, padded in [(1, 512), (2, 512)]:
-        cfg = load_config(
-            "default", _overrides(dataset, Path("unused"), f"parallel.tensor={tensor}")
+    manifest = open_dataset(dataset)
+    manifest = replace(manifest, tokenizer={**manifest.tokenizer, "vocab_size": 300})
+    special = manifest.tokenizer["special_ids"]
+    pad, mask = special["pad"], special["mask"]
+    for tensor, padded in [(1, 384), (2, 512), (8, 1024)]:
+        overrides = _overrides(
+            dataset, Path("unused"), "model.size=34M", f"parallel.tensor={tensor}"
         )
-        model_cfg, vocab = model_spec(cfg, manifest)
+        model_cfg, vocab = model_spec(load_config("default", overrides), manifest)  # 8 heads
         assert model_cfg.vocab_size == vocab.size == padded
-        assert not vocab.real[400:].any() and vocab.num_real == 400 - 2  # pad and mask too
+        assert vocab.excluded == {pad, mask, *range(300, padded)}
+        assert vocab.real.sum() == vocab.num_real == 300 - 2
+    g = torch.Generator().manual_seed(1)
+    x0 = vocab.real_ids[torch.randint(vocab.num_real, (32, 64), generator=g)]
+    t = torch.full((32,), 0.999)  # nearly every token corrupted
+    logits = torch.randn(32, 64, vocab.size, generator=g)
+    favoured, suppressed = (
+        logits.masked_fill(~vocab.real, 30.0),
+        logits.masked_fill(~vocab.real, -30.0),
+    )
+    sampling = SamplingConfig(steps=4, num_samples=2)
+    for name, objective_type in OBJECTIVES.items():
+        objective = objective_type()
+        xt = objective.noise(x0, t, torch.arange(32), vocab)
+        noised_to = xt[xt != x0]
+        assert name == "ar" or noised_to.numel() > 0.9 * xt.numel()
+        assert torch.all(vocab.real[noised_to] | (noised_to == mask)), name
+        loss = objective.per_token_loss(favoured, x0, xt, t, vocab)
+        assert torch.equal(loss, objective.per_token_loss(suppressed, x0, xt, t, vocab)), name
+        samples = objective.sample(
+            _FavoursTheIdsThatAreNotReal(vocab), vocab, sampling, 16, special["eos"]
+        )
+        assert vocab.real[samples.tokens].all(), name
 
 
 def test_config_overrides_are_strict(dataset):
@@ -356,6 +440,7 @@ def test_config_overrides_are_strict(dataset):
     assert load_config("default", ["optim.lr=3e-4"]).optim.lr == 3e-4
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_does_not_stop_the_run(dataset, tmp_path, caplog):
     port = _free_port()  # nothing listens there
     run_dir = _train(
