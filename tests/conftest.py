@@ -46,7 +46,8 @@ def corpus_docs() -> list[str]:
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory, corpus_docs) -> Path:
-    """A prepared dataset: ~1k train sequences of 64 tokens in shards of 40."""
+    """A prepared dataset, one per session: the 600 documents as a few thousand train sequences
+    of 64 tokens in shards of 40 (tests derive counts from its manifest)."""
     root = tmp_path_factory.mktemp("corpus")
     write_jsonl(root / "docs.jsonl", corpus_docs)
     out = root / "ds"
