@@ -69,17 +69,6 @@ def test_loss_falls_for_each_objective(dataset, tmp_path, objective):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["mdlm", "duo"])
-def test_fused_and_plain_losses_train_alike(dataset, tmp_path, objective):
-    """The memory-lean loss kernels (the default) and the plain PyTorch path: same losses."""
-    extra = (f"objective.name={objective}", "train.steps=8", "train.val_every=100")
-    fused = _losses(_train(dataset, tmp_path / "fused", *extra))
-    plain = _losses(_train(dataset, tmp_path / "plain", *extra, "objective.fused=false"))
-    assert fused.keys() == plain.keys() == set(range(1, 9))
-    assert all(abs(fused[s] - plain[s]) <= 1e-5 * abs(plain[s]) for s in plain)
-
-
-@pytest.mark.slow
 def test_mlflow_holds_params_metrics_and_artifacts(dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
