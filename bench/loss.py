@@ -56,7 +56,7 @@ def reference_cross_entropy(logits, x0, xt, t, vocab):
 
 
 def reference_duo(logits, x0, xt, t, vocab):
-    """Duo's ELBO in the reference's expanded form (ALGORITHMS.md §4.3), float32 [N, V]."""
+    """Duo's ELBO in the reference's expanded form (docs/algorithms.md §4.3), float32 [N, V]."""
     k = vocab.num_real
     a = alpha(t)[:, None]
     x_hat = F.softmax(logits.masked_fill(~vocab.real, float("-inf")), dim=-1)

@@ -1,4 +1,4 @@
-"""The error types every package raises for bad user input (STYLE.md §14).
+"""The error types every package raises for bad user input (docs/conventions.md §14).
 
 It sits below all packages so that data_pipeline and parallel, which import nothing of ours
 otherwise, raise the same family of errors the CLI turns into a message and an exit code.

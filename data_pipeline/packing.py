@@ -1,4 +1,4 @@
-"""Documents -> fixed-length sequences, documents joined with EOS (ALGORITHMS.md §7.1).
+"""Documents -> fixed-length sequences, documents joined with EOS (docs/algorithms.md §7.1).
 
 Nothing is padded and nothing is dropped except the final partial sequence of a split.
 Each sequence keeps the positions where its documents start, for document-aware attention.

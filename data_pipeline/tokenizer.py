@@ -1,4 +1,4 @@
-"""The sentencepiece tokenizer, with the mask token diffusion models need (ALGORITHMS.md §1).
+"""The sentencepiece tokenizer, with the mask token diffusion models need (docs/algorithms.md §1).
 
 A trained tokenizer carries `<mask>` as a piece. An existing model without one gets the mask
 appended as id `sp.vocab_size()`, so V = len(pieces) + 1, as the reference does for Llama.

@@ -1,5 +1,5 @@
 """The smoke check's kernel comparisons: every Triton kernel against its chunked PyTorch twin
-(STYLE.md rule 11) on the same inputs, the cross-entropy and Duo losses forward and backward
+(docs/conventions.md §11) on the same inputs, the cross-entropy and Duo losses forward and backward
 in float32 and bf16 logits and the MDLM and Duo noising, with the largest relative error and
 the time of each backend. Kept apart from launch.smoke, which runs them among its other
 checks, because building the inputs and tolerances is its own concern.

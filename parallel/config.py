@@ -1,4 +1,4 @@
-"""Model and parallel-layout configuration, and the size presets of ALGORITHMS.md §5.7."""
+"""Model and parallel-layout configuration, and the size presets of docs/algorithms.md §5.7."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pydantic import Field
 COND_DIM = 128  # every size of the paper conditions adaLN through a 128-wide time embedding
 TIME_FEATURES = 256  # sinusoidal features of the scalar s (128 frequencies x cos, sin)
 
-# name -> (hidden size d, blocks, heads): the paper's FLOPs sweep (§5.7), then small CPU presets.
+# name -> (hidden size d, blocks, heads): the paper's FLOPs sweep (docs/algorithms.md §5.7), then
+# small CPU presets.
 SIZES: dict[str, tuple[int, int, int]] = {
     "6M": (256, 6, 4),
     "19M": (384, 8, 6),
@@ -53,7 +54,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """The DDiT backbone (ALGORITHMS.md §5)."""
+    """The DDiT backbone (docs/algorithms.md §5)."""
 
     hidden_size: int = field(metadata={"help": "d, the residual width"})
     n_layers: int = field(metadata={"help": "number of transformer blocks"})
@@ -98,7 +99,7 @@ class ModelConfig:
 
 
 def parameter_count(cfg: ModelConfig) -> int:
-    """Exact parameter count of the DDiT (ALGORITHMS.md §5.7).
+    """Exact parameter count of the DDiT (docs/algorithms.md §5.7).
 
     per block: 12d² + 7d + 6(c+1)d; plus embedding V·d, time embedding, final LN d, output head
     V·d + V and final adaLN 2cd + 2d.

@@ -1,4 +1,5 @@
-"""Process groups and the runtime: the only global state, set up in one place (STYLE.md §9).
+"""Process groups and the runtime: the only global state, set up in one place
+(docs/conventions.md §9).
 
 Rank layout, tensor fastest, then data, then pipeline: rank = tp + T*dp + T*D*pp. This is
 megatron-core's order (tp-cp-ep-dp-pp with cp = ep = 1) and DeepSpeed's

@@ -1,4 +1,4 @@
-"""The DDiT backbone (ALGORITHMS.md §5) from megatron-core tensor-parallel layers.
+"""The DDiT backbone (docs/algorithms.md §5) from megatron-core tensor-parallel layers.
 
 Shapes: tokens [B, L]; hidden [L, B, d] (megatron's sequence-first layout); cond [B, c];
 logits [B, L, V/tp], split over the vocabulary and never gathered. Every module takes its
@@ -36,7 +36,8 @@ class _AutocastLinear:
     """megatron's linear in the autocast dtype on any device: input, weight and bias are cast
     (differentiably, so gradients reach the float32 parameters in float32) before megatron's
     matmul. CUDA autocast would cast inside it, but megatron re-enters autocast for its
-    backward on CUDA only; casting here gives CPU and GPU the same arithmetic (§5.5)."""
+    backward on CUDA only; casting here gives CPU and GPU the same arithmetic
+    (docs/algorithms.md §5.5)."""
 
     def _forward_impl(self, input, weight, *args, bias=None, **kwargs):
         if not torch.is_autocast_enabled(input.device.type):
@@ -75,7 +76,8 @@ def _generator(cfg: ModelConfig, layer: int) -> torch.Generator:
 
 
 class LayerNorm(nn.Module):
-    """Weight-only LayerNorm computed in float32 with autocast off (§5.2). [..., d] -> f32"""
+    """Weight-only LayerNorm computed in float32 with autocast off (docs/algorithms.md §5.2).
+    [..., d] -> f32"""
 
     def __init__(self, d: int) -> None:
         super().__init__()
@@ -87,7 +89,8 @@ class LayerNorm(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """s -> SiLU(MLP([cos(s f_k), sin(s f_k)])), f_k = 10^(-4k/128) (§5.1). s [B] -> [B, c]"""
+    """s -> SiLU(MLP([cos(s f_k), sin(s f_k)])), f_k = 10^(-4k/128) (docs/algorithms.md §5.1).
+    s [B] -> [B, c]"""
 
     def __init__(self, cond_dim: int, generator: torch.Generator) -> None:
         super().__init__()
@@ -129,8 +132,8 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def _autocast(x: Tensor, dtype: torch.dtype) -> torch.autocast:
-    """The low-precision region of §5.5 (the blocks' matmuls, attention and the head) on x's
-    device; float32 turns it off."""
+    """The low-precision region of docs/algorithms.md §5.5 (the blocks' matmuls, attention and the
+    head) on x's device; float32 turns it off."""
     return torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
@@ -173,7 +176,8 @@ class InputStage(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN transformer block with adaLN-Zero modulation (§5.2). (hidden, cond) -> same"""
+    """Pre-LN transformer block with adaLN-Zero modulation (docs/algorithms.md §5.2).
+    (hidden, cond) -> same"""
 
     def __init__(
         self,
@@ -242,7 +246,8 @@ class DiTBlock(nn.Module):
     def step(self, x: Tensor, cond: Tensor, cache: KVCache | None = None) -> Tensor:
         """x [l, B, d] f32 at positions cache.length.. (0 without a cache) -> [l, B, d] f32.
         The modulations, LayerNorms and the residual stream stay float32; the branches run
-        in the compute dtype and promote back to float32 when the gates add them (§5.5)."""
+        in the compute dtype and promote back to float32 when the gates add them
+        (docs/algorithms.md §5.5)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
         with _autocast(x, self.compute_dtype):
             attention = self._attention(_modulate(self.norm1(x), shift1, scale1), cache)
@@ -275,7 +280,7 @@ class DiTBlock(nn.Module):
 
 
 class OutputStage(nn.Module):
-    """Final adaLN LayerNorm and the untied, zero-initialised head (§5.4).
+    """Final adaLN LayerNorm and the untied, zero-initialised head (docs/algorithms.md §5.4).
 
     (hidden [L, B, d] f32, cond [B, c] f32) -> logits [B, L, V/tp] in the compute dtype
     """
@@ -329,7 +334,8 @@ def build_pipeline(
     """The model as DeepSpeed layer specs, cut into stages balanced by `partition`
     ("parameters" or "uniform" layers); each stage builds only its own layers. Between
     stages flows (hidden [L, B, d], cond [B, c]), float32. Parameters are float32 whatever
-    `compute_dtype`, the autocast dtype of the blocks' and the head's matmuls (§5.5)."""
+    `compute_dtype`, the autocast dtype of the blocks' and the head's matmuls
+    (docs/algorithms.md §5.5)."""
     tp_group = groups.tp_group
     blocks = [
         LayerSpec(DiTBlock, cfg, i + 1, tp_group, causal, compute_dtype)

@@ -1,4 +1,4 @@
-"""Atomic DeepSpeed checkpoints with the loop state, and automatic resume (STYLE.md §13).
+"""Atomic DeepSpeed checkpoints with the loop state, and automatic resume (docs/conventions.md §13).
 
 A save goes to RUN/checkpoints/.incomplete-TAG first (every rank writes its shards there),
 is renamed to RUN/checkpoints/TAG once all ranks are done, and only then does `latest` name

@@ -1,9 +1,10 @@
-"""The DeepSpeed engine: ZeRO stage 1, AdamW, warmup-cosine schedule, clipping (§6.3).
+"""The DeepSpeed engine: ZeRO stage 1, AdamW, warmup-cosine schedule, clipping
+(docs/algorithms.md §6.3).
 
 DeepSpeed runs in float32: master parameters, gradients, their accumulation over micro-batches,
 their all-reduce and the optimizer state. Low precision is the model's business (bf16
-autocast inside the blocks and the head, parallel/model.py), as in the reference (§5.5);
-DeepSpeed's bf16 section would cast every parameter and the residual stream to bf16.
+autocast inside the blocks and the head, parallel/model.py), as in the reference (docs/algorithms.md
+§5.5); DeepSpeed's bf16 section would cast every parameter and the residual stream to bf16.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
-    """lr(s)/lr: (s+1)/W during warmup, then cosine down to min_lr (§6.3)."""
+    """lr(s)/lr: (s+1)/W during warmup, then cosine down to min_lr (docs/algorithms.md §6.3)."""
     warmup = max(int(optim.warmup_fraction * total_steps), optim.min_warmup_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -63,8 +64,9 @@ def build_engine(
     total_steps: int,
     load_universal: bool = False,
 ):
-    """A DeepSpeed PipelineEngine over the model, with weight decay on every parameter (P12).
-    `load_universal`: the checkpoint to resume from is in DeepSpeed's universal format."""
+    """A DeepSpeed PipelineEngine over the model, with weight decay on every parameter
+    (docs/pitfalls.md P12). `load_universal`: the checkpoint to resume from is in DeepSpeed's
+    universal format."""
     config = deepspeed_config(train, optim, groups.dp_size, load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

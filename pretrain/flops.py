@@ -1,11 +1,11 @@
-"""FLOPs accounting for FLOP-matched training (ALGORITHMS.md §6).
+"""FLOPs accounting for FLOP-matched training (docs/algorithms.md §6).
 
 Two conventions:
 - "exact": the forward FLOPs actually spent per sequence: the weight matmuls, the attention
   matmuls (QKᵀ and AV; half of them for causal attention), the output head and the loss.
-- "reference": the paper's figure (§6.2), 2 (12 n d² + d V) L: weight matmuls and the head,
-  attention omitted, the same for every objective. Use it to reproduce the paper's step counts
-  (pitfall P9: it undercounts by 15-49% at L = 2048).
+- "reference": the paper's figure (docs/algorithms.md §6.2), 2 (12 n d² + d V) L: weight
+  matmuls and the head, attention omitted, the same for every objective. Use it to reproduce
+  the paper's step counts (docs/pitfalls.md P9: it undercounts by 15-49% at L = 2048).
 Training FLOPs = 3 x forward (the backward counted as twice the forward).
 """
 
@@ -60,5 +60,6 @@ def training_flops_per_sequence(
 
 
 def steps_for_budget(budget_flops: float, train_flops_per_sequence: int, global_batch: int) -> int:
-    """steps = budget / (training FLOPs per sequence x global batch), rounded down (§6.1)."""
+    """steps = budget / (training FLOPs per sequence x global batch), rounded down
+    (docs/algorithms.md §6.1)."""
     return int(budget_flops / (train_flops_per_sequence * global_batch))

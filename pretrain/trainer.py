@@ -1,5 +1,5 @@
 """The training loop. The step reads top to bottom: batch, noise, forward/backward/step
-(DeepSpeed), metrics, validation, checkpoint (STYLE.md §12)."""
+(DeepSpeed), metrics, validation, checkpoint (docs/conventions.md §12)."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ DROPOUT_SEED_STRIDE = 100  # dropout seed = init_seed + 100 x pipeline stage (me
 
 
 def _train_loss(objective: Objective, vocab: Vocab, tp_group, logits, labels) -> torch.Tensor:
-    """Token mean of the per-token loss over the micro-batch (§4.0), on the last stage, from
-    this rank's vocabulary shard of the logits."""
+    """Token mean of the per-token loss over the micro-batch (docs/algorithms.md §4.0), on the last
+    stage, from this rank's vocabulary shard of the logits."""
     x0, xt, t = labels
     return objective.per_token_loss(logits, x0, xt, t, vocab, tp_group).mean()
 

@@ -4,7 +4,7 @@ never call the code under test; the production losses (pretrain.objectives over 
 of pretrain.kernels.losses) are held to them in test_objectives.py and test_kernels.py.
 
 Each takes logits [B, L, V] (any float dtype, widened to float64), x0, xt [B, L] int64, t [B]
-and a Vocab; non-real ids have probability zero (zero-masking, §4.1).
+and a Vocab; non-real ids have probability zero (zero-masking, docs/algorithms.md §4.1).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 
-EPS = 1e-3  # alpha_t = 1 - (1 - EPS) t, the log-linear schedule (§2.1)
+EPS = 1e-3  # alpha_t = 1 - (1 - EPS) t, the log-linear schedule (docs/algorithms.md §2.1)
 
 
 def alpha(t: Tensor) -> Tensor:
@@ -29,23 +29,24 @@ def log_probs(logits: Tensor, vocab: Vocab) -> Tensor:
 
 
 def ar(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Tensor:
-    """§4.7: -log x̂[x0 at l + 1] from position l. -> [B, L - 1]"""
+    """docs/algorithms.md §4.7: -log x̂[x0 at l + 1] from position l. -> [B, L - 1]"""
     return -log_probs(logits, vocab)[:, :-1].gather(-1, x0[:, 1:, None]).squeeze(-1)
 
 
 def mdlm_cross_entropy(logits, x0, xt, t, vocab: Vocab) -> Tensor:
-    """§4.2 low_var: CE on masked tokens, 0 elsewhere. -> [B, L]"""
+    """docs/algorithms.md §4.2 low_var: CE on masked tokens, 0 elsewhere. -> [B, L]"""
     ce = -log_probs(logits, vocab).gather(-1, x0[..., None]).squeeze(-1)
     return torch.where(xt == vocab.mask_id, ce, 0.0)
 
 
 def mdlm_elbo(logits, x0, xt, t, vocab: Vocab) -> Tensor:
-    """§4.2 ELBO of the log-linear schedule: (1/t) CE on masked tokens. -> [B, L]"""
+    """docs/algorithms.md §4.2 ELBO of the log-linear schedule: (1/t) CE on masked tokens. ->
+    [B, L]"""
     return mdlm_cross_entropy(logits, x0, xt, t, vocab) / t.double()[:, None]
 
 
 def duo_compact(logits, x0, xt, t, vocab: Vocab) -> Tensor:
-    """§4.3 compact form over the K real ids. -> [B, L]"""
+    """docs/algorithms.md §4.3 compact form over the K real ids. -> [B, L]"""
     k, real = vocab.num_real, vocab.real
     p = log_probs(logits, vocab).exp()[..., real]  # [B, L, K]
     real_index = torch.cumsum(real.long(), 0) - 1
@@ -62,7 +63,7 @@ def duo_compact(logits, x0, xt, t, vocab: Vocab) -> Tensor:
 
 
 def duo_expanded(logits, x0, xt, t, vocab: Vocab) -> Tensor:
-    """§4.3 expanded form as the reference code organises it. -> [B, L]"""
+    """docs/algorithms.md §4.3 expanded form as the reference code organises it. -> [B, L]"""
     k, real = vocab.num_real, vocab.real
     p = log_probs(logits, vocab).exp()[..., real]
     real_index = torch.cumsum(real.long(), 0) - 1

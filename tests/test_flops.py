@@ -42,7 +42,8 @@ def test_analytic_forward_flops_match_the_flop_counter(objective):
 
 
 def test_reference_convention_reproduces_the_paper_step_counts():
-    """§5.7: 19M at 6e18 FLOPs and G = 256 ran 71938 steps; 2121M at 1e20 ran 19133."""
+    """docs/algorithms.md §5.7: 19M at 6e18 FLOPs and G = 256 ran 71938 steps; 2121M at 1e20 ran
+    19133."""
     for size, budget, steps in [("19M", 6e18, 71938), ("2121M", 1e20, 19133)]:
         cfg = ModelConfig.preset(size, vocab_size=32001, seq_len=2048)
         per_seq = training_flops_per_sequence(cfg, "mdlm", 2048, "reference")
@@ -55,7 +56,7 @@ def test_exact_convention_counts_attention_and_the_causal_saving():
     mdlm = forward_flops_per_sequence(cfg, "mdlm", 2048)
     reference = forward_flops_per_sequence(cfg, "mdlm", 2048, "reference")
     assert mdlm - ar == attention_flops_per_sequence(cfg, 2048, causal=False) // 2
-    # §5.7: attention adds 47% to the reference figure at 19M, L = 2048
+    # docs/algorithms.md §5.7: attention adds 47% to the reference figure at 19M, L = 2048
     attention = attention_flops_per_sequence(cfg, 2048, causal=False)
     assert attention / reference == pytest.approx(0.47, abs=0.01)
     assert reference < mdlm

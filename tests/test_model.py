@@ -8,7 +8,7 @@ from dlm_pretrain.parallel.config import SIZES, ModelConfig, ParallelConfig, par
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 
-# json "params" of the reference's configs/flops (ALGORITHMS.md §5.7, in millions, V = 32001)
+# json "params" of the reference's configs/flops (docs/algorithms.md §5.7, in millions, V = 32001)
 REFERENCE_PARAMS_M = {
     "6M": 22.45,
     "19M": 41.31,
@@ -101,9 +101,9 @@ def test_initialisation_is_a_function_of_the_seed(groups):
 
 
 def test_bf16_autocast_keeps_float32_parameters_residual_and_gradients(groups):
-    """The reference's mixed precision (§5.5), run by CPU autocast here and by the same code
-    on CUDA: parameters, the residual stream, cond and every gradient stay float32; only the
-    blocks' matmuls, attention and the head run in bf16, so the logits are bf16.
+    """The reference's mixed precision (docs/algorithms.md §5.5), run by CPU autocast here and by
+    the same code on CUDA: parameters, the residual stream, cond and every gradient stay float32;
+    only the blocks' matmuls, attention and the head run in bf16, so the logits are bf16.
 
     Bound: bf16 keeps 8 bits of mantissa (relative rounding 2^-8 = 0.4% per operation);
     through two blocks and the head, and back, errors add up over about ten roundings: 5% of

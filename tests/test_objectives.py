@@ -105,7 +105,8 @@ def test_validation_loss_is_the_bound_whatever_the_training_loss(case):
 
 
 def test_duo_reference_forms_agree():
-    """The two float64 references of §4.3 agree, so either can stand for the formula."""
+    """The two float64 references of docs/algorithms.md §4.3 agree, so either can stand for the
+    formula."""
     logits, x0, xt, t, _ = noised_inputs("duo", 3, VOCAB)
     compact, expanded = (
         ref.duo_compact(logits, x0, xt, t, VOCAB),
@@ -121,8 +122,8 @@ def test_duo_loss_is_zero_for_a_perfect_clean_prediction():
 
 
 def test_duo_stays_accurate_at_small_t_with_a_large_vocabulary():
-    """Pitfall P13: the compact form in float32 loses the loss to cancellation at small t and
-    large K; the rewritten form keeps 1e-5 relative accuracy."""
+    """docs/pitfalls.md P13: the compact form in float32 loses the loss to cancellation at small
+    t and large K; the rewritten form keeps 1e-5 relative accuracy."""
     vocab = Vocab.build(4096, mask_id=4, never_in_data=(3,))
     logits, x0, _, _, _ = noised_inputs("duo", 11, vocab, shape=(2, 8))
     xt = vocab.real_ids[torch.randint(vocab.num_real, (2, 8), generator=torch.Generator())]

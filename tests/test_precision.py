@@ -1,6 +1,6 @@
-"""Mixed precision as the reference (ALGORITHMS.md §5.5, §6.3): float32 master parameters,
-gradients, gradient accumulation and optimizer state; bf16 autocast only inside the blocks
-and the head. On CPU the same policy runs with train.dtype=bfloat16 (CPU autocast)."""
+"""Mixed precision as the reference (docs/algorithms.md §5.5, §6.3): float32
+master parameters, gradients, gradient accumulation and optimizer state; bf16 autocast only inside
+the blocks and the head. On CPU the same policy runs with train.dtype=bfloat16 (CPU autocast)."""
 
 from __future__ import annotations
 

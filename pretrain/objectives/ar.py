@@ -1,5 +1,5 @@
-"""Autoregressive next-token prediction (docs/algorithms.md §3.5, §4.7, §9.4): causal, no
-noise, s = 0.
+"""Autoregressive next-token prediction (docs/algorithms.md §3.5, §4.7, §9.4): causal,
+no noise, s = 0.
 
 The model sees all L tokens; position l predicts x0[l + 1], so L - 1 tokens are scored.
 """
@@ -52,7 +52,7 @@ class AR(Objective):
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
     ) -> Samples:
         """Left to right from `start_id` (EOS: the token before a document), one token per
-        forward, keys and values cached per block (§9.4)."""
+        forward, keys and values cached per block (docs/algorithms.md §9.4)."""
         generator, decode = torch.Generator().manual_seed(cfg.seed), model.decoder()
         tokens = torch.full((cfg.num_samples, 1), start_id, dtype=torch.int64, device=model.device)
         s = torch.zeros(cfg.num_samples, device=model.device)

@@ -1,4 +1,4 @@
-"""Per-token corruption, keyed by (seed, global sample index, position) (ALGORITHMS.md §3).
+"""Per-token corruption, keyed by (seed, global sample index, position) (docs/algorithms.md §3).
 
 Each token gets two uint32 words from Philox: one decides whether it is corrupted (with
 probability 1 - alpha_t), one what it becomes (Duo: a uniform real id; MDLM: the mask).

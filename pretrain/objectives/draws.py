@@ -3,7 +3,7 @@
 Probabilities are float64 and each categorical draw inverts the CDF with one float64 uniform
 per position, drawn at the step that uses it (docs/pitfalls.md P4, P5). Nucleus (top-p)
 filtering applies to the denoiser's distribution x̂ in every family (the reference ignores it
-for AR and MDLM, P3). Only real ids are ever sampled.
+for AR and MDLM, docs/pitfalls.md P3). Only real ids are ever sampled.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 
-T_MIN = 1e-5  # the reverse process runs from t = 1 down to here (§9)
+T_MIN = 1e-5  # the reverse process runs from t = 1 down to here (docs/algorithms.md §9)
 
 
 @dataclass(frozen=True)

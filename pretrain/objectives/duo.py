@@ -1,8 +1,8 @@
-"""Uniform-state diffusion, Duo (docs/algorithms.md §3.2, §4.3, §9.2): bidirectional,
-s = sigma_t.
+"""Uniform-state diffusion, Duo (docs/algorithms.md §3.2, §4.3, §9.2):
+bidirectional, s = sigma_t.
 
 The continuous-time ELBO of the uniform-state process over the K real ids. The compact form
-of §4.3 subtracts large terms that cancel: of order (K/t) log(K/t) at small t
+of docs/algorithms.md §4.3 subtracts large terms that cancel: of order (K/t) log(K/t) at small t
 (docs/pitfalls.md P13), and of order r at large t. Substituting
 x̄_θ,j = (1 - alpha)(1 + r x̂_j), r = K alpha / (1 - alpha), and grouping the terms that cancel
 into functions that are small where their arguments are,
@@ -81,8 +81,8 @@ class Duo(Objective):
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
     ) -> Samples:
-        """Ancestral steps of the uniform-state posterior with x̂ for x (§9.2), from the uniform
-        prior over real ids, then a greedy final step (argmax x̂)."""
+        """Ancestral steps of the uniform-state posterior with x̂ for x (docs/algorithms.md §9.2),
+        from the uniform prior over real ids, then a greedy final step (argmax x̂)."""
         generator, device = torch.Generator().manual_seed(cfg.seed), model.device
         real = vocab.real.double()
         k = vocab.num_real

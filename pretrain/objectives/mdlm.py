@@ -91,9 +91,10 @@ class MDLM(Objective):
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
     ) -> Samples:
-        """Ancestral steps from the all-mask prior (§9.1): a masked token is revealed between t
-        and s with probability (alpha_s - alpha_t) / (1 - alpha_t), as a draw from x̂; revealed
-        tokens are kept. x̂ does not depend on t, so a step that reveals nothing reuses it."""
+        """Ancestral steps from the all-mask prior (docs/algorithms.md §9.1): a masked token is
+        revealed between t and s with probability (alpha_s - alpha_t) / (1 - alpha_t), as a draw
+        from x̂; revealed tokens are kept. x̂ does not depend on t, so a step that reveals nothing
+        reuses it."""
         generator, device = torch.Generator().manual_seed(cfg.seed), model.device
         x = torch.full((cfg.num_samples, seq_len), vocab.mask_id, dtype=torch.int64, device=device)
         s0 = torch.zeros(cfg.num_samples, device=device)

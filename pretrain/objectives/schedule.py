@@ -1,4 +1,4 @@
-"""The log-linear noise schedule and the stratified draw of t (ALGORITHMS.md §2)."""
+"""The log-linear noise schedule and the stratified draw of t (docs/algorithms.md §2)."""
 
 from __future__ import annotations
 

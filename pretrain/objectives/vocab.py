@@ -2,7 +2,7 @@
 
 The mask id, padding ids and the vocabulary padding added for tensor parallelism are never
 noised to, never predicted and never sampled; Duo's K is the number of real ids (fixes
-pitfall P10 of the reference, whose uniform noise also produced [MASK] and special ids).
+docs/pitfalls.md P10 of the reference, whose uniform noise also produced [MASK] and special ids).
 """
 
 from __future__ import annotations
