@@ -9,15 +9,23 @@ both agree.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.parallel.config import ParallelConfig
 from torch.distributed import ProcessGroup
+
+log = logging.getLogger(__name__)
+# DeepSpeed compiles its CPU shared-memory collectives on first use, in about a minute; a build
+# lock older than this was left by a process killed during the build.
+STALE_BUILD_LOCK_S = 600
 
 # srun's tasks meet on a port derived from the job id, below Linux's ephemeral range
 # (32768-60999) so that no outgoing connection holds it.
@@ -109,6 +117,8 @@ def init_process_groups(par: ParallelConfig, runtime: Runtime) -> ProcessGroups:
         else:  # a single process started without a launcher
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
             dist.init_process_group(runtime.backend, store=dist.HashStore(), rank=0, world_size=1)
+    if runtime.device.type == "cpu":
+        remove_stale_build_locks()
     deepspeed.init_distributed(runtime.backend)
     dp_size = par.data_parallel_size(dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
@@ -133,6 +143,18 @@ def init_process_groups(par: ParallelConfig, runtime: Runtime) -> ProcessGroups:
             f"dp={groups.dp_rank} tp={groups.tp_rank}, DeepSpeed at {coord}"
         )
     return groups
+
+
+def remove_stale_build_locks() -> None:
+    """torch waits forever on the lock file of an extension build; one killed mid-build (a
+    Ctrl-C during a first run) would hang every later run in deepspeed.init_distributed."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in [*root.glob("deepspeed_shm_comm/lock"), *root.glob("*/deepspeed_shm_comm/lock")]:
+        if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+            log.warning("removing %s, left by a build that was killed", lock)
+            lock.unlink(missing_ok=True)
 
 
 def _dtype(name: str) -> torch.dtype:
