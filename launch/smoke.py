@@ -350,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handler, root = logging.FileHandler(log_path, mode="w"), logging.getLogger()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    terminal_handlers = root.handlers[:]  # `dlm smoke` logs to the terminal: the file instead
+    for h in terminal_handlers:
+        root.removeHandler(h)
     root.addHandler(handler)
     level = root.level
     root.setLevel(logging.INFO)
@@ -358,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = run_smoke(opts, show)
     finally:
         root.removeHandler(handler)
+        for h in terminal_handlers:
+            root.addHandler(h)
         root.setLevel(level)
         handler.close()
     counts = ", ".join(f"{sum(c.status == s for c in report.checks)} {s}" for s in STATUSES)

@@ -4,7 +4,9 @@ training check alone and the exit code."""
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 
 import pytest
 from dlm_pretrain.launch.smoke import main
@@ -37,7 +39,14 @@ def _statuses(capsys) -> dict[str, str]:
 
 
 def test_every_check_passes_on_cpu(dataset, tmp_path, capsys):
-    code = main(["--out", str(tmp_path), "--data", str(dataset), "--steps", "8", *QUICK])
+    """Run as `dlm smoke` runs it, after the CLI gave the root logger a terminal handler: the
+    terminal still shows the check lines alone (each rank's records go to its log)."""
+    terminal = logging.StreamHandler(sys.stdout)
+    logging.getLogger().addHandler(terminal)
+    try:
+        code = main(["--out", str(tmp_path), "--data", str(dataset), "--steps", "8", *QUICK])
+    finally:
+        logging.getLogger().removeHandler(terminal)
     statuses = _statuses(capsys)
     assert list(statuses) == CHECKS
     assert set(statuses.values()) == {"PASS"}, statuses
