@@ -74,7 +74,7 @@ def _wait_for_runner(proc: subprocess.Popen, run_dir: Path, timeout_s: float = 6
         time.sleep(0.05)
 
 
-def _wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
+def _wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout_s: float = 90) -> None:
     deadline = time.time() + timeout_s
     while text not in log.read_text():
         assert time.time() < deadline and proc.poll() is None, f"{log} never says {text!r}"
