@@ -14,16 +14,12 @@ from dlm_pretrain.common.config import Section, apply_overrides
 from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.data_pipeline.config import DataConfig
 from dlm_pretrain.parallel.config import SIZES, ParallelConfig
+from dlm_pretrain.pretrain.flops import CONVENTIONS
+from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives.mdlm import LOSS_TYPES
 from pydantic import Field, model_validator
 
 PRESETS = Path(__file__).parent / "presets"
-
-# The names pretrain.objectives.OBJECTIVES, mdlm.LOSS_TYPES and flops.CONVENTIONS implement,
-# spelled out so that loading a config imports no model code (tests/test_bad_input.py holds
-# them equal).
-OBJECTIVE_NAMES = ("ar", "mdlm", "duo")
-LOSS_TYPES = ("elbo", "cross_entropy")
-FLOPS_CONVENTIONS = ("exact", "reference")
 
 
 class ModelSizeConfig(Section):
@@ -37,7 +33,7 @@ class ModelSizeConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal[OBJECTIVE_NAMES] = Field(default="mdlm", description="training objective")
+    name: Literal[tuple(OBJECTIVES)] = Field(default="mdlm", description="training objective")
     loss_type: Literal[LOSS_TYPES] = Field(
         default="cross_entropy", description="MDLM training loss"
     )
@@ -69,7 +65,7 @@ class TrainConfig(Section):
     flops_budget: float = Field(
         default=0.0, ge=0, description="training FLOPs; sets steps (with steps=0)"
     )
-    flops_convention: Literal[FLOPS_CONVENTIONS] = Field(
+    flops_convention: Literal[CONVENTIONS] = Field(
         default="exact", description="FLOPs counted exactly, or as the paper's reference"
     )
     dtype: Literal["", "float32", "bfloat16"] = Field(
