@@ -123,6 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sample.set_defaults(run=_run_sample)
 
+    _add_release_commands(sub)
+
     sub.add_parser(
         "smoke",
         add_help=False,  # `dlm smoke --help` is launch.smoke's own; see main
@@ -130,6 +132,53 @@ def _build_parser() -> argparse.ArgumentParser:
         "a short bf16 run, a sample, a resume, tokens/s and MFU",
     )
     return parser
+
+
+def _add_release_commands(sub: argparse._SubParsersAction) -> None:
+    """export-hf, import-hf and reshard: checkpoints in and out of other layouts."""
+    export = _add_command(
+        sub,
+        "export-hf",
+        "write a checkpoint as a Hugging Face model folder (any layout, one process)",
+        "dlm export-hf RUN_DIR --out DIR [--step N] [--dtype bfloat16]",
+    )
+    export.add_argument("run_dir", type=Path, help="a `dlm train` run directory")
+    export.add_argument("--out", type=Path, required=True, help="the new model folder")
+    export.add_argument("--step", type=int, default=None, help="that step's checkpoint")
+    export.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    export.set_defaults(run=_run_export)
+
+    imported = _add_command(
+        sub,
+        "import-hf",
+        "turn an exported model folder into a run directory that `dlm train` fine-tunes",
+        "dlm import-hf DIR --out RUN_DIR [--tensor T --pipeline P]; training starts from "
+        "these weights with a fresh optimizer, schedule and data position.",
+    )
+    imported.add_argument("folder", type=Path, help="a folder written by `dlm export-hf`")
+    imported.add_argument("--out", type=Path, required=True, help="the new run directory")
+    _add_layout_flags(imported, required=False)
+    imported.set_defaults(run=_run_import)
+
+    reshard = _add_command(
+        sub,
+        "reshard",
+        "convert a run's latest checkpoint to other tensor and pipeline sizes",
+        "dlm reshard RUN_DIR --tensor T --pipeline P [--out RUN_DIR2]: the optimizer state, "
+        "step, data position and RNG come along. Without --out the converted copy is kept "
+        "beside the checkpoint for `dlm train` at the new sizes (which also converts on its "
+        "own).",
+    )
+    reshard.add_argument("run_dir", type=Path, help="a `dlm train` run directory")
+    reshard.add_argument("--out", type=Path, default=None, help="write a new run directory")
+    _add_layout_flags(reshard, required=True)
+    reshard.set_defaults(run=_run_reshard)
+
+
+def _add_layout_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    default = None if required else 1
+    parser.add_argument("--tensor", type=int, required=required, default=default, help="T")
+    parser.add_argument("--pipeline", type=int, required=required, default=default, help="P")
 
 
 def _add_command(
@@ -241,6 +290,42 @@ def _run_sample(args: argparse.Namespace) -> int:
     for i, text in enumerate(result.texts):
         print(f"===== sample {i} (step {result.step}) =====\n{text}\n")
     print(f"{result.tokens_per_s:.0f} tokens/s, {result.forward_passes} forward passes")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from dlm_pretrain.checkpoints_tools.export_hf import export_hf  # torch: seconds
+
+    out = export_hf(args.run_dir, args.out, step=args.step, dtype=args.dtype)
+    print(f"wrote {out}; load it with transformers, see {out / 'README.md'}")
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from dlm_pretrain.checkpoints_tools.import_hf import import_hf  # torch: seconds
+
+    cfg = import_hf(args.folder, args.out, tensor=args.tensor, pipeline=args.pipeline)
+    print(
+        f"wrote {args.out}. Prepare data with its tokenizer, then fine-tune (a fresh "
+        f"optimizer):\n  dlm prepare out=DATA corpus=... tokenizer={args.out}/tokenizer.model "
+        f"seq_len={cfg.data.seq_len or 'L'}\n  dlm train {args.out}/config.yaml data.path=DATA"
+        f" --nproc {args.tensor * args.pipeline}"
+    )
+    return 0
+
+
+def _run_reshard(args: argparse.Namespace) -> int:
+    with hidden_prints(args.verbose):
+        from dlm_pretrain.checkpoints_tools.reshard import reshard  # deepspeed, megatron-core
+
+        cfg = reshard(args.run_dir, args.tensor, args.pipeline, args.out)
+    run_dir = Path(cfg.train.run_dir)
+    layout = "" if args.out else f" parallel.tensor={args.tensor} parallel.pipeline={args.pipeline}"
+    print(
+        f"resharded for tensor={args.tensor} pipeline={args.pipeline}; continue with:\n"
+        f"  dlm train {run_dir}/config.yaml{layout} --nproc N  (N: a multiple of "
+        f"{args.tensor * args.pipeline})"
+    )
     return 0
 
 

@@ -11,6 +11,19 @@ from pydantic import Field
 
 COND_DIM = 128  # every size of the paper conditions adaLN through a 128-wide time embedding
 TIME_FEATURES = 256  # sinusoidal features of the scalar s (128 frequencies x cos, sin)
+# The axis each tensor-parallel parameter is split along (megatron's partition_dim), by name
+# inside its layer; every other parameter is replicated over the tensor group. Checkpoint
+# tools join and re-cut shards with it, without building the model.
+TENSOR_SPLIT_DIMS = {
+    "embedding.weight": 0,
+    "qkv.weight": 0,
+    "fc1.weight": 0,
+    "fc1.bias": 0,
+    "attn_out.weight": 1,
+    "fc2.weight": 1,
+    "head.weight": 0,
+    "head.bias": 0,
+}
 
 # name -> (hidden size d, blocks, heads): the paper's FLOPs sweep (docs/algorithms.md §5.7), then
 # small CPU presets.

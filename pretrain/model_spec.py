@@ -4,6 +4,7 @@ a run directory and the smoke check all build the same one."""
 
 from __future__ import annotations
 
+from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.data_pipeline.manifest import Manifest
 from dlm_pretrain.parallel.config import ModelConfig
 from dlm_pretrain.pretrain.config import RunConfig
@@ -12,14 +13,22 @@ from dlm_pretrain.pretrain.objectives.vocab import Vocab
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of 128 x tensor size
 
 
-def model_spec(cfg: RunConfig, manifest: Manifest) -> tuple[ModelConfig, Vocab]:
+def model_spec(
+    cfg: RunConfig, manifest: Manifest, padded_vocab: int | None = None
+) -> tuple[ModelConfig, Vocab]:
     """The backbone for this dataset: L from the manifest, V padded to a multiple of
     128 x tensor size (fast matmuls, an even vocabulary split); padding ids and the tokenizer's
-    pad are never noised, predicted or sampled."""
+    pad are never noised, predicted or sampled. A run that continues a checkpoint passes its
+    `padded_vocab`, so a new tensor size keeps the model it resumes."""
     special = manifest.tokenizer["special_ids"]
     tokenizer_size = manifest.tokenizer["vocab_size"]
     multiple = VOCAB_MULTIPLE * cfg.parallel.tensor
-    padded = -(-tokenizer_size // multiple) * multiple
+    padded = padded_vocab or -(-tokenizer_size // multiple) * multiple
+    if padded % cfg.parallel.tensor or padded < tokenizer_size:
+        raise ConfigError(
+            f"the checkpoint's vocabulary of {padded} rows cannot be split over "
+            f"parallel.tensor={cfg.parallel.tensor}; choose a tensor size that divides {padded}"
+        )
     padding = range(tokenizer_size, padded)
     vocab = Vocab.build(padded, special["mask"], never_in_data=(special["pad"], *padding))
     model = ModelConfig.preset(

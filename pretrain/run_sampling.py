@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlm_pretrain.common.errors import CheckpointError
 from dlm_pretrain.data_pipeline import Tokenizer, open_dataset
 from dlm_pretrain.data_pipeline.manifest import TOKENIZER_FILE
 from dlm_pretrain.parallel.config import ParallelConfig
@@ -29,17 +28,15 @@ class RunSamples:
 
 def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
     run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file() or checkpoint.latest_tag(run_dir) is None:
-        raise CheckpointError(f"{run_dir} holds no finished checkpoint; train it with `dlm train`")
-    cfg = load_config(str(config_file), [])
+    folder = checkpoint.checkpoint_folder(run_dir)
+    cfg = load_config(str(run_dir / "config.yaml"), [])
     runtime = Runtime.detect()
     groups = init_process_groups(ParallelConfig(), runtime)  # one process, any saved layout
     manifest = open_dataset(cfg.data.path)
-    model_cfg, vocab = model_spec(cfg, manifest)  # the vocabulary padding the run trained with
+    model_cfg, vocab = model_spec(cfg, manifest, checkpoint.read_meta(folder)["vocab_size"])
     objective = build_objective(cfg.objective)
     model = build_pipeline(model_cfg, groups, objective.causal, compute_dtype=runtime.dtype)
-    checkpoint.load_weights(model, run_dir)
+    checkpoint.load_weights(model, folder)
     model.to(runtime.device)
     vocab = vocab.to(runtime.device)
     tokenizer = Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE)
@@ -53,7 +50,7 @@ def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
         start_id=tokenizer.special.eos,
     )
     seconds = time.perf_counter() - start
-    step = int(checkpoint.latest_tag(run_dir).removeprefix("step"))
+    step = checkpoint.read_meta(folder)["step"]
     return RunSamples(
         [tokenizer.decode(row.tolist()) for row in samples.tokens],
         step,

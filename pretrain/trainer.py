@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import yaml
 from dlm_pretrain.common.errors import ConfigError, DlmError
 from dlm_pretrain.data_pipeline import Tokenizer, TrainLoader, open_dataset, validation_batches
-from dlm_pretrain.data_pipeline.manifest import TOKENIZER_FILE, Manifest
+from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE, TOKENIZER_FILE, Manifest
 from dlm_pretrain.parallel.config import ModelConfig
 from dlm_pretrain.parallel.groups import ProcessGroups, Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
@@ -210,7 +211,10 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
     manifest = open_dataset(
         cfg.data.path, seq_len=cfg.data.seq_len, tokenizer_sha256=cfg.data.tokenizer_sha256
     )
-    model_cfg, vocab = model_spec(cfg, manifest)
+    run_dir = Path(cfg.train.run_dir)
+    checkpoint.clean_incomplete(run_dir)
+    saved = checkpoint.saved_meta(run_dir)
+    model_cfg, vocab = model_spec(cfg, manifest, saved and saved["vocab_size"])
     vocab = vocab.to(runtime.device)
     objective = build_objective(cfg.objective)
     flops_per_seq = training_flops_per_sequence(
@@ -223,13 +227,8 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         raise ConfigError(f"train.flops_budget={cfg.train.flops_budget:g} buys no step")
     cfg.train.accumulation_steps(groups.dp_size)  # checks the batch sizes before building
 
-    run_dir = Path(cfg.train.run_dir)
-    checkpoint.clean_incomplete(run_dir)
     layout = {"tensor": groups.tp_size, "pipeline": groups.pp_size, "data": groups.dp_size}
-    saved = checkpoint.saved_layout(run_dir)
-    new_dp_size = saved is not None and saved["data"] != groups.dp_size
-    if new_dp_size:
-        checkpoint.convert_to_universal(run_dir)
+    universal = checkpoint.resume_source(run_dir, layout)
 
     # Dropout only (parameters and noise are keyed): the same stream on every tensor rank, as
     # dropout acts on activations replicated over the tensor group; its own on each stage.
@@ -243,7 +242,9 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         partition=cfg.parallel.partition,
         compute_dtype=runtime.dtype,
     )
-    engine = build_engine(model, cfg.train, cfg.optim, groups, total_steps, new_dp_size)
+    if saved is not None and saved["format"] == checkpoint.WEIGHTS:
+        checkpoint.load_weights(model, checkpoint.checkpoint_folder(run_dir))
+    engine = build_engine(model, cfg.train, cfg.optim, groups, total_steps, universal is not None)
     loader = TrainLoader(
         cfg.data.path,
         manifest,
@@ -282,7 +283,14 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         peak_flops=device_peak_flops(cfg.train.peak_flops),
     )
     state = checkpoint.LoopState()
-    loaded = checkpoint.load(engine, run_dir, layout, universal=new_dp_size)
+    if saved is not None and saved["format"] == checkpoint.WEIGHTS:
+        log.info(
+            "fine-tuning the imported weights in %s: the optimizer, learning-rate schedule and "
+            "data position start fresh",
+            run_dir,
+        )
+        return r, state
+    loaded = checkpoint.load(engine, run_dir, layout, universal)
     if loaded is not None:
         state, client = loaded
         loader.load_state_dict(client["reader"])
@@ -291,11 +299,14 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
 
 
 def _write_config(cfg: RunConfig, run_dir: Path, model_cfg, total_steps, flops_per_seq) -> None:
-    """Print the resolved configuration and save it in the run directory (rank 0)."""
+    """Print the resolved configuration and save it in the run directory with the dataset's
+    manifest and tokenizer, so that the run directory alone can be exported (rank 0)."""
     resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if dist.get_rank() == 0:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(resolved)
+        for name in (MANIFEST_FILE, TOKENIZER_FILE):
+            shutil.copyfile(Path(cfg.data.path) / name, run_dir / name)
         log.info("configuration:\n%s", resolved)
         log.info(
             "%s: %d steps of %d sequences, %.3g training FLOPs per sequence",
@@ -383,7 +394,16 @@ def _log_step(r: _Run, state, loss: float, grad_norm: float, clock: tuple[float,
 
 def _save(r: _Run, state) -> None:
     extra = {"reader": r.loader.state_dict(), "layout": r.layout, "config": r.cfg.to_dict()}
-    tag = checkpoint.save(r.engine, r.run_dir, state, extra)
+    validations = r.history["validation (ELBO)"]
+    meta = {
+        "layout": r.layout,
+        "layers": r.model_cfg.n_layers + 2,  # the input stage, the blocks, the output stage
+        "vocab_size": r.model_cfg.vocab_size,
+        "validation": dict(zip(("step", "loss"), validations[-1], strict=True))
+        if validations
+        else None,
+    }
+    tag = checkpoint.save(r.engine, r.run_dir, state, extra, meta)
     log.info("saved checkpoint %s", r.run_dir / "checkpoints" / tag)
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dlm_pretrain.parallel.config import SIZES, ModelConfig, ParallelConfig, parameter_count
+from dlm_pretrain.parallel.config import (
+    SIZES,
+    TENSOR_SPLIT_DIMS,
+    ModelConfig,
+    ParallelConfig,
+    parameter_count,
+)
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 
@@ -150,3 +156,13 @@ def test_kv_cached_decoding_equals_the_full_causal_forward(groups):
             hidden = block.step(hidden, cond, cache)
         steps.append(last((hidden, cond)))
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_split_table_names_every_tensor_parallel_parameter_and_its_axis(groups):
+    """Checkpoint tools join shards by TENSOR_SPLIT_DIMS without building the model: it must
+    agree with megatron's own marks on every parameter."""
+    _, model = _model(groups)
+    for name, p in model.named_parameters():
+        local = name.split(".", 1)[1]  # "3.qkv.weight" -> "qkv.weight"
+        split = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        assert TENSOR_SPLIT_DIMS.get(local) == split, name

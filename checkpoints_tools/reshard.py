@@ -1,0 +1,65 @@
+"""`dlm reshard`: a training checkpoint, with its optimizer state, step, data position and
+RNG, for another tensor x pipeline layout (docs/design.md, Checkpoints).
+
+The optimizer state goes through DeepSpeed's universal format (one file per parameter and
+state, whole tensors), which DeepSpeed reloads at any layout; the layer files are cut again
+for the new tensor size. `dlm train` does the same on its own when a run directory is resumed
+with other parallel sizes; this command does it ahead of time, or into a new run directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+from dlm_pretrain.common.errors import CheckpointError
+from dlm_pretrain.common.files import write_atomic
+from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE, TOKENIZER_FILE
+from dlm_pretrain.pretrain import checkpoint
+from dlm_pretrain.pretrain.config import RunConfig, load_config
+
+CONFIG_FILE = "config.yaml"
+RUN_RECORDS = (MANIFEST_FILE, TOKENIZER_FILE, "train_log.jsonl")  # copied to a new run directory
+
+
+def reshard(run_dir: Path, tensor: int, pipeline: int, out: Path | None = None) -> RunConfig:
+    """The latest checkpoint of `run_dir` for `tensor` x `pipeline`: converted beside it, or
+    written as the first checkpoint of the run directory `out`. Returns the config to train
+    on with the new layout."""
+    source = checkpoint.checkpoint_folder(run_dir)
+    cfg = _config_for(run_dir, tensor, pipeline, out)
+    if checkpoint.read_meta(source)["format"] == checkpoint.WEIGHTS:
+        raise CheckpointError(
+            f"{source} holds imported weights without optimizer state; train it at any layout"
+        )
+    if out is None:
+        checkpoint.universal_copy(run_dir, tensor)
+        return cfg
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} is not empty; give a new directory for the resharded run")
+    staging = out.with_name(f".incomplete-{out.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    target = checkpoint.checkpoint_dir(staging) / source.name
+    checkpoint.write_universal(source, target, tensor, pipeline)
+    write_atomic(checkpoint.checkpoint_dir(staging) / checkpoint.LATEST, source.name.encode())
+    for name in RUN_RECORDS:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, staging / name)
+    (staging / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    return cfg
+
+
+def _config_for(run_dir: Path, tensor: int, pipeline: int, out: Path | None) -> RunConfig:
+    """The run's config at the new layout; its checks (heads and blocks over the parallel
+    sizes) run before any work."""
+    config = run_dir / CONFIG_FILE
+    if not config.is_file():
+        raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}; is it a `dlm train` run directory?")
+    overrides = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
+    if out is not None:
+        overrides.append(f"train.run_dir={out}")
+    return load_config(str(config), overrides)
