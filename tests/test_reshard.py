@@ -1,0 +1,125 @@
+"""A training checkpoint moved to another tensor x pipeline layout continues with the losses
+it would have had at the old one; bad checkpoints are refused before anything is written."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import _free_port
+from dlm_pretrain.common.errors import CheckpointError, ConfigError
+from dlm_pretrain.pretrain.checkpoint_files import layer_file, read_weights
+from test_train import ONE_THREAD, _losses, _train
+
+# Every segment names the same schedule length; `train.steps` stops it early.
+SETTINGS = ("model.size=tiny", "train.val_every=100", "data.num_workers=1", "optim.lr=3e-3")
+
+
+def _dlm(*args: str) -> None:
+    command = [sys.executable, "-m", "dlm_pretrain.launch.cli", *args]
+    subprocess.run(command, check=True, env=ONE_THREAD, stdout=subprocess.DEVNULL)
+
+
+def _torchrun(nproc: int, *args: str) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "dlm_pretrain.launch.train",
+        *args,
+    ]
+    subprocess.run(command, check=True, env=ONE_THREAD, stdout=subprocess.DEVNULL)
+
+
+def _resume(run_dir: Path, nproc: int, steps: int, *layout: str) -> None:
+    """The run directory's own config, continued to `steps` (its final checkpoint)."""
+    config = (str(run_dir / "config.yaml"), f"train.run_dir={run_dir}")
+    _torchrun(nproc, *config, f"train.steps={steps}", f"train.checkpoint_every={steps}", *layout)
+
+
+def _after(run_dir: Path, step: int) -> dict[int, float]:
+    return {s: x for s, x in _losses(run_dir).items() if s > step}
+
+
+@pytest.mark.slow
+def test_reshard_t2xp2_to_t1p1_to_t2p1_continues_with_the_same_losses(dataset, tmp_path):
+    """A tensor 2 x pipeline 2 run to step 4, continued twice by 5 steps: at its own layout,
+    and through new ones: `dlm train` at tensor 1 x pipeline 1 converts on its own, then
+    `dlm reshard --out` writes a tensor 2 x pipeline 1 run directory. Same losses (1e-5)."""
+    start = tmp_path / "start"
+    first = ("default", f"data.path={dataset}", f"train.run_dir={start}", *SETTINGS)
+    _torchrun(4, *first, "train.steps=4", "parallel.tensor=2", "parallel.pipeline=2")
+    same, moved, t2 = tmp_path / "same", tmp_path / "moved", tmp_path / "t2"
+    shutil.copytree(start, same)
+    shutil.copytree(start, moved)
+    _resume(same, 4, 9)
+    _resume(same, 4, 14)
+    _resume(moved, 1, 9, "parallel.tensor=1", "parallel.pipeline=1")
+    _dlm("reshard", str(moved), "--tensor", "2", "--pipeline", "1", "--out", str(t2))
+    _resume(t2, 2, 14)
+
+    reference, continued = _after(same, 4), _after(moved, 4) | _after(t2, 9)
+    assert reference.keys() == continued.keys() == set(range(5, 15))
+    assert all(abs(reference[s] - continued[s]) <= 1e-5 * abs(reference[s]) for s in reference)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory) -> Path:
+    """One step in one process: a checkpoint to damage."""
+    run_dir = tmp_path_factory.mktemp("reshard") / "run"
+    _train(dataset, run_dir, "train.steps=1", "train.val_every=100")
+    return run_dir
+
+
+def _damaged(trained: Path, tmp_path: Path, damage) -> Path:
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(trained, run_dir)
+    damage(layer_file(run_dir / "checkpoints/step00000001", 2, 0))
+    return run_dir
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_checkpoint_is_refused_and_nothing_is_written(trained, tmp_path, damage):
+    from dlm_pretrain.checkpoints_tools.reshard import reshard
+
+    def spoil(path: Path) -> None:
+        if damage == "missing":
+            path.unlink()
+        else:
+            path.write_bytes(path.read_bytes()[:100])
+
+    run_dir = _damaged(trained, tmp_path, spoil)
+    with pytest.raises(CheckpointError, match="layer_02-model_00"):
+        reshard(run_dir, 2, 1, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step00000001"]
+
+
+def test_a_run_without_a_checkpoint_and_a_layout_that_cannot_split_are_refused(trained, tmp_path):
+    from dlm_pretrain.checkpoints_tools.reshard import reshard
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no finished checkpoint"):
+        reshard(tmp_path / "empty", 2, 1)
+    with pytest.raises(ConfigError, match="tensor"):
+        reshard(trained, 3, 1, tmp_path / "out")  # 2 heads
+    assert not (tmp_path / "out").exists()
+
+
+def test_layer_files_cut_for_another_tensor_size_join_back_to_the_same_model(trained, tmp_path):
+    from dlm_pretrain.pretrain.checkpoint import write_universal
+
+    source = trained / "checkpoints/step00000001"
+    write_universal(source, tmp_path / "t2", tensor=2)
+    before, after = read_weights(source), read_weights(tmp_path / "t2")
+    assert before.keys() == after.keys()
+    assert all(before[k] is after[k] is None or torch.equal(before[k], after[k]) for k in before)
