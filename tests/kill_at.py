@@ -28,9 +28,10 @@ def _die() -> None:
 
 def _in_save(step: int, point: str) -> None:
     """Wrap the two writers a save goes through: DeepSpeed writes its shards with torch.save,
-    checkpoint.py the meta file (before the rename) and `latest` with write_atomic."""
+    checkpoint_files.py the meta file (before the rename), checkpoint.py `latest`, both with
+    write_atomic."""
     import torch
-    from dlm_pretrain.pretrain import checkpoint
+    from dlm_pretrain.pretrain import checkpoint, checkpoint_files
 
     tag = f"step{step:08d}"
     staging = f".incomplete-{tag}"
@@ -49,7 +50,7 @@ def _in_save(step: int, point: str) -> None:
         write_atomic(path, data)
 
     torch.save = save_then_die
-    checkpoint.write_atomic = die_then_write
+    checkpoint.write_atomic = checkpoint_files.write_atomic = die_then_write
 
 
 def _in_prepare(shard: int) -> None:
