@@ -44,7 +44,7 @@ def test_every_subcommand_is_documented_and_listed_with_a_line():
     """The parser's subcommands are README's `### dlm NAME` sections, and `dlm --help` gives
     each a one-line description."""
     sub = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    documented = set(re.findall(r"^### `dlm (\w+)", README.read_text(), re.MULTILINE))
+    documented = set(re.findall(r"^### `dlm ([\w-]+)", README.read_text(), re.MULTILINE))
     assert set(sub.choices) == documented
     text = _help()
     for name in sub.choices:
