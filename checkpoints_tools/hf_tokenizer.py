@@ -23,13 +23,11 @@ there no special token is read in text, as in sentencepiece.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
 from dlm_pretrain.common.errors import DataError
 from dlm_pretrain.common.files import write_atomic
+from dlm_pretrain.data_pipeline import Tokenizer
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, decoders, normalizers
 from tokenizers import Tokenizer as HfTokenizer
@@ -43,28 +41,8 @@ SP_FILE = "tokenizer.model"
 _WHITESPACE_PROBES = tuple(c * n for c in (" ", "\t", "\n", " \t") for n in range(1, 33))
 
 
-class SpecialIdsLike(Protocol):
-    """`data_pipeline.tokenizer.SpecialIds`."""
-
-    bos: int
-    eos: int
-    unk: int
-    pad: int | None
-    mask: int
-
-
-class SentencePieceTokenizer(Protocol):
-    """`data_pipeline.tokenizer.Tokenizer`, which this package may not import (pyproject.toml)."""
-
-    model_bytes: bytes
-    mask_appended: bool
-    special: SpecialIdsLike
-
-    def encode(self, texts: Sequence[str]) -> list[np.ndarray]: ...
-
-
 def write_hf_tokenizer(
-    tokenizer: SentencePieceTokenizer, out_dir: Path, model_max_length: int | None = None
+    tokenizer: Tokenizer, out_dir: Path, model_max_length: int | None = None
 ) -> None:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and the original
     sentencepiece bytes (tokenizer.model) to `out_dir`; refuse a model we cannot reproduce."""
@@ -88,15 +66,14 @@ def write_hf_tokenizer(
 
 
 def read_sentencepiece(directory: Path) -> bytes:
-    """The sentencepiece model bytes saved beside the Hugging Face files, for
-    `Tokenizer(read_sentencepiece(dir))` (this package may not import data_pipeline)."""
+    """The sentencepiece model bytes saved beside the Hugging Face files (`dlm import-hf`)."""
     path = directory / SP_FILE
     if not path.is_file():
         raise DataError(f"{path} does not exist; export the tokenizer with write_hf_tokenizer")
     return path.read_bytes()
 
 
-def build_hf_tokenizer(tokenizer: SentencePieceTokenizer) -> HfTokenizer:
+def build_hf_tokenizer(tokenizer: Tokenizer) -> HfTokenizer:
     """The `tokenizers` equivalent of `tokenizer`, checked against it on every piece's text."""
     proto = sp_pb2.ModelProto.FromString(tokenizer.model_bytes)
     _check_supported(proto)
@@ -177,12 +154,12 @@ def _added_tokens(pieces: list[Piece], special: bool) -> list[AddedToken]:
     ]
 
 
-def _appended_mask(tokenizer: SentencePieceTokenizer) -> list[AddedToken]:
+def _appended_mask(tokenizer: Tokenizer) -> list[AddedToken]:
     """The appended mask id, decoded as `Tokenizer.decode` writes it."""
     return [AddedToken(MASK_PIECE, special=True)] if tokenizer.mask_appended else []
 
 
-def _check_equal(tokenizer: SentencePieceTokenizer, hf: HfTokenizer, pieces: list[Piece]) -> None:
+def _check_equal(tokenizer: Tokenizer, hf: HfTokenizer, pieces: list[Piece]) -> None:
     """Encode every piece's text and whitespace runs both ways; any difference refuses."""
     texts = [p.piece.replace(SPACE, " ") for p in pieces if p.type == Piece.NORMAL]
     texts += [t + t for t in texts] + list(_WHITESPACE_PROBES)
@@ -196,7 +173,7 @@ def _check_equal(tokenizer: SentencePieceTokenizer, hf: HfTokenizer, pieces: lis
             )
 
 
-def _special_tokens(tokenizer: SentencePieceTokenizer, hf: HfTokenizer) -> dict[str, str]:
+def _special_tokens(tokenizer: Tokenizer, hf: HfTokenizer) -> dict[str, str]:
     """Token strings of the named special ids, for transformers' configuration."""
     s = tokenizer.special
     ids = {"bos_token": s.bos, "eos_token": s.eos, "unk_token": s.unk, "pad_token": s.pad}
