@@ -1,0 +1,372 @@
+"""A diffusion (MDLM, Duo) or autoregressive language model trained with dlm-pretrain, loaded
+with `AutoModelForMaskedLM` / `AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`, and its samplers.
+
+Standalone: this file imports only torch and transformers (and its configuration), so an
+exported folder needs neither dlm-pretrain, DeepSpeed nor megatron. It is the training
+backbone (dlm-pretrain docs/algorithms.md §5) written for one process, with the reference's
+parameter names and qkv rows in the reference's [3, H, d_head] order:
+
+    cond = SiLU(MLP(cos, sin features of s))                      s: sigma_t (Duo) or 0
+    per block (adaLN-Zero): x += gate1 * Attn(RoPE, LN1(x) (1 + scale1) + shift1)
+                            x += gate2 * MLP_gelu_tanh(LN2(x) (1 + scale2) + shift2)
+    logits = Linear(LN(x) (1 + scale) + shift)
+
+LayerNorms and the residual stream run in float32, the matmuls in the weights' dtype.
+
+The samplers (docs/algorithms.md §9) repeat dlm-pretrain's draw for draw: float64 uniforms from
+a seeded host generator, inverting the CDF, nucleus filtering of x̂ in float64, so the same
+seed gives the same tokens as `dlm sample` (a test in dlm-pretrain holds them equal).
+Shapes: B batch, L length, d hidden size, H heads, V vocabulary (mask included).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
+
+from .configuration_dlm import DLMConfig
+
+
+class LayerNorm(nn.Module):
+    """Weight-only LayerNorm in float32. [..., d] -> [..., d] f32"""
+
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), None, self.eps)
+
+
+class TimestepEmbedder(nn.Module):
+    """s [B] -> SiLU(MLP([cos(s f_k), sin(s f_k)])) [B, c], f_k = 10^(-4k/half)."""
+
+    def __init__(self, config: DLMConfig) -> None:
+        super().__init__()
+        self.half = config.time_features // 2
+        self.mlp = nn.Sequential(
+            nn.Linear(config.time_features, config.cond_dim),
+            nn.SiLU(),
+            nn.Linear(config.cond_dim, config.cond_dim),
+        )
+
+    def forward(self, s: Tensor) -> Tensor:
+        steps = torch.arange(self.half, dtype=torch.float32, device=s.device)
+        freqs = torch.exp(-math.log(10_000.0) * steps / self.half)
+        angles = s.float()[:, None] * freqs[None]
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return F.silu(self.mlp(features.to(self.mlp[0].weight.dtype)))
+
+
+def _rotary(start: int, length: int, head_dim: int, base: float, device) -> tuple[Tensor, Tensor]:
+    """cos, sin [length, d_head] f32 for positions start.., rotate-half (GPT-NeoX) pairing."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    inv_freq = 1.0 / base**exponents
+    positions = torch.arange(start, start + length, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, L, d_head] -> same, in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class KVCache:
+    """Keys and values of one block for incremental causal decoding. [B, H, length, d_head]"""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class DDiTBlock(nn.Module):
+    """Pre-LN block with adaLN-Zero modulation. x [B, l, d] f32, cond [B, c] -> [B, l, d] f32"""
+
+    def __init__(self, config: DLMConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.n_heads, self.head_dim = config.n_heads, d // config.n_heads
+        self.rotary_base, self.causal = config.rotary_base, config.attention == "causal"
+        self.norm1 = LayerNorm(d, config.layer_norm_eps)
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)  # rows [3, H, d_head]
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.norm2 = LayerNorm(d, config.layer_norm_eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d)
+        )
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * d)
+
+    def forward(self, x: Tensor, cond: Tensor, cache: KVCache | None = None) -> Tensor:
+        modulation = self.adaLN_modulation(cond)[:, None].float()
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
+        attention = self._attention(_modulate(self.norm1(x), shift1, scale1), cache)
+        x = x + gate1 * attention.float()
+        h = _modulate(self.norm2(x), shift2, scale2).to(self.mlp[0].weight.dtype)
+        return x + gate2 * self.mlp(h).float()
+
+    def _attention(self, h: Tensor, cache: KVCache | None) -> Tensor:
+        """h [B, l, d] f32 at positions cache.length.. (0 without a cache) -> [B, l, d]"""
+        batch, seq, d = h.shape
+        start = 0 if cache is None else cache.length
+        qkv = self.attn_qkv(h.to(self.attn_qkv.weight.dtype))
+        qkv = qkv.view(batch, seq, 3, self.n_heads, self.head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, l, d_head]
+        cos, sin = _rotary(start, seq, self.head_dim, self.rotary_base, h.device)
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        mask = None
+        if cache is not None:
+            k, v = cache.append(k, v)
+            # queries at start..start+l-1 see every cached key and, causally, the new ones
+            mask = torch.ones(seq, start + seq, dtype=torch.bool, device=h.device).tril(start)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=self.causal and cache is None
+        )
+        return self.attn_out(a.transpose(1, 2).reshape(batch, seq, d))
+
+
+class DDitFinalLayer(nn.Module):
+    """x [B, L, d] f32, cond [B, c] -> logits [B, L, V] in the weights' dtype"""
+
+    def __init__(self, config: DLMConfig) -> None:
+        super().__init__()
+        self.norm_final = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.linear = nn.Linear(config.hidden_size, config.vocab_size)
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * config.hidden_size)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(cond)[:, None].float().chunk(2, dim=-1)
+        h = _modulate(self.norm_final(x), shift, scale)
+        return self.linear(h.to(self.linear.weight.dtype))
+
+
+class DLMBackbone(nn.Module):
+    """tokens [B, l] int64, s [B] -> logits [B, l, V]; with `caches` (causal models), the
+    tokens continue the cached ones."""
+
+    def __init__(self, config: DLMConfig) -> None:
+        super().__init__()
+        self.vocab_embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.sigma_map = TimestepEmbedder(config)
+        self.blocks = nn.ModuleList(DDiTBlock(config) for _ in range(config.n_layers))
+        self.output_layer = DDitFinalLayer(config)
+
+    def forward(self, tokens: Tensor, s: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        x = self.vocab_embed(tokens).float()
+        cond = self.sigma_map(s)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, None if caches is None else caches[i])
+        return self.output_layer(x, cond)
+
+
+class DLMPreTrainedModel(PreTrainedModel):
+    config_class = DLMConfig
+    base_model_prefix = "backbone"
+    _no_split_modules = ("DDiTBlock",)
+
+    def __init__(self, config: DLMConfig) -> None:
+        super().__init__(config)
+        self.backbone = DLMBackbone(config)
+        self.post_init()
+
+    def _logits(self, input_ids: Tensor, timesteps: Tensor | None, attention_mask) -> Tensor:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported: the model was trained unpadded")
+        t = torch.zeros(input_ids.shape[0], device=input_ids.device)
+        if timesteps is not None:
+            t = torch.as_tensor(timesteps, dtype=torch.float32, device=input_ids.device)
+            t = t.expand(input_ids.shape[0])
+        return self.backbone(input_ids, self._time_input(t))
+
+    def _time_input(self, t: Tensor) -> Tensor:
+        """The scalar the conditioning sees: sigma_t for Duo, 0 otherwise. t [B] f32"""
+        if not self.config.time_conditioning:
+            return torch.zeros_like(t)
+        return -torch.log(1 - (1 - self.config.schedule_eps) * t)
+
+    def _alpha(self, t: float) -> float:
+        """alpha_t = 1 - (1 - eps) t, the log-linear schedule."""
+        return 1 - (1 - self.config.schedule_eps) * t
+
+    def _real(self) -> Tensor:
+        """[V] bool: the ids that may be predicted and sampled (all but the excluded)."""
+        real = torch.ones(self.config.vocab_size, dtype=torch.bool, device=self.device)
+        real[self.config.excluded_token_ids] = False
+        return real
+
+    def _denoiser(self, logits: Tensor, top_p: float) -> Tensor:
+        """x̂: softmax over the real ids in float64, nucleus-filtered. [N, l, V] -> f64"""
+        logits = logits.double().masked_fill(~self._real(), float("-inf"))
+        return _nucleus(torch.softmax(logits, dim=-1), top_p)
+
+    def _defaults(self, steps, top_p, seed, seq_len) -> tuple[int, float, int, int]:
+        c = self.config
+        return (
+            c.sampling_steps if steps is None else steps,
+            c.sampling_top_p if top_p is None else top_p,
+            c.sampling_seed if seed is None else seed,
+            c.seq_len if seq_len is None else seq_len,
+        )
+
+
+class DLMForMaskedLM(DLMPreTrainedModel):
+    """MDLM and Duo: bidirectional denoisers of all L positions at once."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        timesteps: Tensor | float | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> MaskedLMOutput:
+        """input_ids [B, L] int64; timesteps: the diffusion time t in [0, 1] per sequence
+        ([B] or a scalar; Duo sees sigma_t, MDLM ignores it; default 0) -> logits [B, L, V]"""
+        return MaskedLMOutput(logits=self._logits(input_ids, timesteps, attention_mask))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int = 1,
+        steps: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        seq_len: int | None = None,
+    ) -> Tensor:
+        """Ancestral sampling from the prior (the config's defaults for what is not given).
+        -> [num_samples, seq_len] int64"""
+        steps, top_p, seed, seq_len = self._defaults(steps, top_p, seed, seq_len)
+        generator = torch.Generator().manual_seed(seed)
+        grid = torch.linspace(1.0, self.config.sampling_t_min, steps + 1, dtype=torch.float64)
+        sampler = self._sample_duo if self.config.objective == "duo" else self._sample_mdlm
+        return sampler(num_samples, seq_len, grid.tolist(), top_p, generator)
+
+    def _sample_mdlm(self, n: int, seq_len: int, grid: list, top_p: float, generator) -> Tensor:
+        """A masked token is revealed between t and s with probability
+        (alpha_s - alpha_t) / (1 - alpha_t), as a draw from x̂; revealed tokens are kept; the
+        last step reveals the rest. x̂ does not depend on t: a step revealing nothing reuses it."""
+        mask_id, device, steps = self.config.mask_token_id, self.device, len(grid) - 1
+        x = torch.full((n, seq_len), mask_id, dtype=torch.int64, device=device)
+        s0 = torch.zeros(n, device=device)
+        p = None
+        for i in range(steps + 1):
+            masked = x == mask_id
+            if not masked.any():
+                break
+            if p is None:
+                p = self._denoiser(self.backbone(x, s0), top_p)
+            if i < steps:
+                a_t, a_s = self._alpha(grid[i]), self._alpha(grid[i + 1])
+                reveal = _host_uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
+            else:
+                reveal = torch.ones_like(masked)
+            reveal &= masked
+            if reveal.any():
+                x = torch.where(reveal, _categorical(p, generator), x)
+                p = None
+        return x
+
+    def _sample_duo(self, n: int, seq_len: int, grid: list, top_p: float, generator) -> Tensor:
+        """The uniform-state posterior with x̂ for x, alpha_ts = alpha_t / alpha_s:
+        q ∝ K a_t x̂ e_z + (a_ts - a_t) e_z + (a_s - a_t) x̂ + (1 - a_ts)(1 - a_s)/K 1_real,
+        from the uniform prior over the K real ids, then argmax x̂ at the last time."""
+        device, real = self.device, self._real()
+        real_ids, k = real.nonzero().flatten(), int(real.sum())
+        prior = torch.randint(k, (n, seq_len), generator=generator)
+        x = real_ids[prior.to(device)]
+        for i in range(len(grid) - 1):
+            t = torch.full((n,), grid[i], dtype=torch.float32, device=device)
+            x_hat = self._denoiser(self.backbone(x, self._time_input(t)), top_p)
+            a_t, a_s = self._alpha(grid[i]), self._alpha(grid[i + 1])
+            a_ts = a_t / a_s
+            e_z = F.one_hot(x, self.config.vocab_size).double()
+            x_hat_z = x_hat.gather(-1, x.unsqueeze(-1))
+            q = (
+                k * a_t * x_hat * e_z
+                + (a_ts - a_t) * e_z
+                + (a_s - a_t) * x_hat
+                + (1 - a_ts) * (1 - a_s) / k * real.double()
+            )
+            x = _categorical(q / (k * a_t * x_hat_z + 1 - a_t), generator)
+        t = torch.full((n,), grid[-1], dtype=torch.float32, device=device)
+        return self._denoiser(self.backbone(x, self._time_input(t)), 1.0).argmax(-1)
+
+
+class DLMForCausalLM(DLMPreTrainedModel):
+    """AR: position l predicts token l + 1."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        timesteps: Tensor | float | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
+        """input_ids [B, L] int64 -> logits [B, L, V] (timesteps: accepted, ignored: s = 0)"""
+        return CausalLMOutputWithPast(logits=self._logits(input_ids, timesteps, attention_mask))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int = 1,
+        top_p: float | None = None,
+        seed: int | None = None,
+        seq_len: int | None = None,
+    ) -> Tensor:
+        """Left to right from EOS (the token before every training document), one forward per
+        token with keys and values cached. -> [num_samples, seq_len] int64, EOS first"""
+        _, top_p, seed, seq_len = self._defaults(None, top_p, seed, seq_len)
+        generator = torch.Generator().manual_seed(seed)
+        caches = [KVCache() for _ in self.backbone.blocks]
+        eos = self.config.eos_token_id
+        tokens = torch.full((num_samples, 1), eos, dtype=torch.int64, device=self.device)
+        s = torch.zeros(num_samples, device=self.device)
+        for _ in range(seq_len - 1):
+            p = self._denoiser(self.backbone(tokens[:, -1:], s, caches)[:, -1], top_p)
+            tokens = torch.cat([tokens, _categorical(p, generator).unsqueeze(1)], dim=1)
+        return tokens
+
+
+def _nucleus(p: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of ids whose mass reaches top_p, renormalised. p [..., V] f64"""
+    if top_p >= 1:
+        return p
+    sorted_p, order = p.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely ids
+    sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+    kept = torch.zeros_like(p).scatter(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def _host_uniform(shape: torch.Size, generator: torch.Generator, device) -> Tensor:
+    """float64 uniforms from the host generator: the same draws on any device."""
+    return torch.rand(shape, dtype=torch.float64, generator=generator).to(device)
+
+
+def _categorical(p: Tensor, generator: torch.Generator) -> Tensor:
+    """One draw per row of p [..., V] (unnormalised, f64) by inverting its CDF -> [...] int64"""
+    cdf = p.cumsum(-1)
+    u = _host_uniform(p.shape[:-1], generator, p.device)
+    ids = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return ids.clamp_max(p.shape[-1] - 1)
