@@ -22,7 +22,12 @@ from dlm_pretrain.checkpoints_tools.hf_layout import to_hf
 from dlm_pretrain.checkpoints_tools.hf_tokenizer import write_hf_tokenizer
 from dlm_pretrain.common.errors import CheckpointError, ConfigError, DataError
 from dlm_pretrain.data_pipeline import Tokenizer
-from dlm_pretrain.data_pipeline.manifest import TOKENIZER_FILE, Manifest, load_manifest
+from dlm_pretrain.data_pipeline.manifest import (
+    MANIFEST_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+    load_manifest,
+)
 from dlm_pretrain.parallel.config import TIME_FEATURES
 from dlm_pretrain.parallel.model import LN_EPS
 from dlm_pretrain.pretrain.checkpoint import checkpoint_folder
@@ -40,6 +45,10 @@ HF_CODE = Path(__file__).parent / "hf"
 CODE_FILES = ("configuration_dlm.py", "modeling_dlm.py")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_SHARD_BYTES = 5 * 10**9
+RUN_CONFIG_KEY = "dlm_run_config"  # config.json's copy of the run's configuration
+# The training data's manifest, kept so the model card (and a re-export after `dlm import-hf`)
+# can say what the model saw.
+DATASET_MANIFEST = "dataset_manifest.json"
 # objective -> (model class, the Auto class that loads it, conditioned on sigma_t)
 ARCHITECTURES = {
     "ar": ("DLMForCausalLM", "AutoModelForCausalLM", False),
@@ -73,6 +82,7 @@ def export_hf(
             shutil.copyfile(HF_CODE / name, staging / name)
         write_safetensors(state, staging, max_shard_bytes)
         write_hf_tokenizer(export.tokenizer, staging, model_max_length=export.manifest.seq_len)
+        shutil.copyfile(run_dir / MANIFEST_FILE, staging / DATASET_MANIFEST)
         (staging / "README.md").write_text(export.model_card(staging.name))
         os.replace(staging, out)  # an empty `out` is replaced
     return out
@@ -140,7 +150,7 @@ class _Export:
             "sampling_top_p": sampling.top_p,
             "sampling_seed": sampling.seed,
             "sampling_t_min": T_MIN,
-            "dlm_run_config": self.cfg.to_dict(),
+            RUN_CONFIG_KEY: self.cfg.to_dict(),
             "dlm_checkpoint": {key: self.meta[key] for key in ("step", "layout", "vocab_size")},
         }
 

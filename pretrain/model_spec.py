@@ -22,8 +22,7 @@ def model_spec(
     `padded_vocab`, so a new tensor size keeps the model it resumes."""
     special = manifest.tokenizer["special_ids"]
     tokenizer_size = manifest.tokenizer["vocab_size"]
-    multiple = VOCAB_MULTIPLE * cfg.parallel.tensor
-    padded = padded_vocab or -(-tokenizer_size // multiple) * multiple
+    padded = padded_vocab or padded_vocab_size(tokenizer_size, cfg.parallel.tensor)
     if padded % cfg.parallel.tensor or padded < tokenizer_size:
         raise ConfigError(
             f"the checkpoint's vocabulary of {padded} rows cannot be split over "
@@ -39,3 +38,9 @@ def model_spec(
         init_seed=cfg.model.init_seed,
     )
     return model, vocab
+
+
+def padded_vocab_size(tokenizer_size: int, tensor: int) -> int:
+    """V rounded up to a multiple of 128 x tensor size."""
+    multiple = VOCAB_MULTIPLE * tensor
+    return -(-tokenizer_size // multiple) * multiple
