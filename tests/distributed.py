@@ -1,9 +1,11 @@
-"""Run a function in N processes joined by a gloo process group, on a free port."""
+"""Run a function in N processes joined by a gloo process group, on a free port; the
+torchrun command of a training run."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 import torch.distributed as dist
@@ -14,6 +16,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`torchrun --nproc-per-node N -m dlm_pretrain.launch.train ARGS` on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "dlm_pretrain.launch.train",
+        *args,
+    ]
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, backend: str) -> None:

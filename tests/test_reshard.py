@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import _free_port
+from distributed import torchrun_command
 from dlm_pretrain.common.errors import CheckpointError, ConfigError
 from dlm_pretrain.pretrain.checkpoint_files import layer_file, read_weights
 from test_train import ONE_THREAD, _losses, _train
@@ -25,18 +25,7 @@ def _dlm(*args: str) -> None:
 
 
 def _torchrun(nproc: int, *args: str) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "dlm_pretrain.launch.train",
-        *args,
-    ]
+    command = torchrun_command(nproc, *args)
     subprocess.run(command, check=True, env=ONE_THREAD, stdout=subprocess.DEVNULL)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import _free_port, run_distributed
+from distributed import _free_port, run_distributed, torchrun_command
 from dlm_pretrain.pretrain.config import SamplingConfig, load_config
 from dlm_pretrain.pretrain.run_sampling import sample_run
 from dlm_pretrain.pretrain.trainer import run
@@ -119,19 +119,7 @@ def _launch(args: list[str], run_dir: Path) -> subprocess.Popen:
 
 
 def _torchrun(dataset: Path, run_dir: Path, nproc: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "dlm_pretrain.launch.train",
-        "default",
-        *_overrides(dataset, run_dir, *extra),
-    ]
+    return torchrun_command(nproc, "default", *_overrides(dataset, run_dir, *extra))
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
