@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from distributed import torchrun_command
+from dlm_pretrain.checkpoints_tools.reshard import reshard
 from dlm_pretrain.common.errors import CheckpointError, ConfigError
 from dlm_pretrain.pretrain.checkpoint_files import layer_file, read_weights
+from dlm_pretrain.pretrain.config import load_config
+from dlm_pretrain.pretrain.trainer import run
 from test_train import ONE_THREAD, _losses, _train
 
-# Every segment names the same schedule length; `train.steps` stops it early.
 SETTINGS = ("model.size=tiny", "train.val_every=100", "data.num_workers=1", "optim.lr=3e-3")
-
-
-def _dlm(*args: str) -> None:
-    command = [sys.executable, "-m", "dlm_pretrain.launch.cli", *args]
-    subprocess.run(command, check=True, env=ONE_THREAD, stdout=subprocess.DEVNULL)
 
 
 def _torchrun(nproc: int, *args: str) -> None:
@@ -29,10 +25,14 @@ def _torchrun(nproc: int, *args: str) -> None:
     subprocess.run(command, check=True, env=ONE_THREAD, stdout=subprocess.DEVNULL)
 
 
-def _resume(run_dir: Path, nproc: int, steps: int, *layout: str) -> None:
-    """The run directory's own config, continued to `steps` (its final checkpoint)."""
-    config = (str(run_dir / "config.yaml"), f"train.run_dir={run_dir}")
-    _torchrun(nproc, *config, f"train.steps={steps}", f"train.checkpoint_every={steps}", *layout)
+def _segment(run_dir: Path, steps: int) -> list[str]:
+    """Settings that continue a run directory to `steps` (its final checkpoint)."""
+    return [f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.checkpoint_every={steps}"]
+
+
+def _continue(run_dir: Path, steps: int, *layout: str) -> None:
+    """The run directory's own config, continued to `steps` in this process (one rank)."""
+    run(load_config(str(run_dir / "config.yaml"), [*_segment(run_dir, steps), *layout]))
 
 
 def _after(run_dir: Path, step: int) -> dict[int, float]:
@@ -41,22 +41,22 @@ def _after(run_dir: Path, step: int) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_reshard_t2xp2_to_t1p1_to_t2p1_continues_with_the_same_losses(dataset, tmp_path):
-    """A tensor 2 x pipeline 2 run to step 4, continued twice by 5 steps: at its own layout,
-    and through new ones: `dlm train` at tensor 1 x pipeline 1 converts on its own, then
-    `dlm reshard --out` writes a tensor 2 x pipeline 1 run directory. Same losses (1e-5)."""
-    start = tmp_path / "start"
-    first = ("default", f"data.path={dataset}", f"train.run_dir={start}", *SETTINGS)
-    _torchrun(4, *first, "train.steps=4", "parallel.tensor=2", "parallel.pipeline=2")
-    same, moved, t2 = tmp_path / "same", tmp_path / "moved", tmp_path / "t2"
-    shutil.copytree(start, same)
-    shutil.copytree(start, moved)
-    _resume(same, 4, 9)
-    _resume(same, 4, 14)
-    _resume(moved, 1, 9, "parallel.tensor=1", "parallel.pipeline=1")
-    _dlm("reshard", str(moved), "--tensor", "2", "--pipeline", "1", "--out", str(t2))
-    _resume(t2, 2, 14)
+    """A tensor 2 x pipeline 2 run to step 4, continued by 5 steps at tensor 1 x pipeline 1
+    (`dlm train` converts on its own), then by 5 at tensor 2 x pipeline 1 (`reshard --out`
+    writes the run directory), against the same segments in one process all along: the
+    losses of steps 5-14 agree to 1e-5 (every layout computes what one process does,
+    tests/test_parallel.py)."""
+    first = ("default", f"data.path={dataset}", *SETTINGS, "train.steps=4")
+    moved, t2, one = tmp_path / "moved", tmp_path / "t2", tmp_path / "one"
+    _torchrun(4, *first, f"train.run_dir={moved}", "parallel.tensor=2", "parallel.pipeline=2")
+    _continue(moved, 9, "parallel.tensor=1", "parallel.pipeline=1")
+    reshard(moved, tensor=2, pipeline=1, out=t2)
+    _torchrun(2, str(t2 / "config.yaml"), *_segment(t2, 14))
 
-    reference, continued = _after(same, 4), _after(moved, 4) | _after(t2, 9)
+    run(load_config(first[0], [*first[1:], f"train.run_dir={one}"]))
+    _continue(one, 9)
+    _continue(one, 14)
+    reference, continued = _after(one, 4), _after(moved, 4) | _after(t2, 9)
     assert reference.keys() == continued.keys() == set(range(5, 15))
     assert all(abs(reference[s] - continued[s]) <= 1e-5 * abs(reference[s]) for s in reference)
 
@@ -78,8 +78,6 @@ def _damaged(trained: Path, tmp_path: Path, damage) -> Path:
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_damaged_checkpoint_is_refused_and_nothing_is_written(trained, tmp_path, damage):
-    from dlm_pretrain.checkpoints_tools.reshard import reshard
-
     def spoil(path: Path) -> None:
         if damage == "missing":
             path.unlink()
@@ -94,8 +92,6 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_is_written(trained, tmp_pat
 
 
 def test_a_run_without_a_checkpoint_and_a_layout_that_cannot_split_are_refused(trained, tmp_path):
-    from dlm_pretrain.checkpoints_tools.reshard import reshard
-
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no finished checkpoint"):
         reshard(tmp_path / "empty", 2, 1)
