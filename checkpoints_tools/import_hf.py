@@ -21,7 +21,7 @@ from dlm_pretrain.checkpoints_tools.export_hf import DATASET_MANIFEST, RUN_CONFI
 from dlm_pretrain.checkpoints_tools.hf_layout import from_hf
 from dlm_pretrain.checkpoints_tools.hf_tokenizer import read_sentencepiece
 from dlm_pretrain.common.errors import CheckpointError
-from dlm_pretrain.common.files import write_atomic
+from dlm_pretrain.common.files import new_directory, write_atomic
 from dlm_pretrain.data_pipeline import Tokenizer
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE, TOKENIZER_FILE
 from dlm_pretrain.pretrain import checkpoint
@@ -39,24 +39,13 @@ def import_hf(folder: Path, out: Path, tensor: int = 1, pipeline: int = 1) -> Ru
     """Write the run directory `out` from the export in `folder`; returns its config."""
     exported = _exported_config(folder)
     tokenizer = Tokenizer(read_sentencepiece(folder))
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} is not empty; give a new run directory")
     padded = padded_vocab_size(tokenizer.vocab_size, tensor)
     weights = from_hf(read_hf_weights(folder), exported["n_heads"], padded)
-    staging = out.with_name(f".incomplete-{out.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with new_directory(out, "imported run") as staging:
         cfg = _run_config(exported[RUN_CONFIG_KEY], staging, out, tensor, pipeline, tokenizer)
         _write_checkpoint(weights, checkpoint.checkpoint_dir(staging), cfg, padded)
         (staging / TOKENIZER_FILE).write_bytes(tokenizer.model_bytes)
         shutil.copyfile(folder / DATASET_MANIFEST, staging / MANIFEST_FILE)  # what it saw
-    except BaseException:
-        shutil.rmtree(staging)
-        raise
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
     return cfg
 
 

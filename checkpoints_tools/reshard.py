@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 from dlm_pretrain.common.errors import CheckpointError
-from dlm_pretrain.common.files import write_atomic
+from dlm_pretrain.common.files import new_directory, write_atomic
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE, TOKENIZER_FILE
 from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import RunConfig, load_config
@@ -36,20 +36,14 @@ def reshard(run_dir: Path, tensor: int, pipeline: int, out: Path | None = None) 
     if out is None:
         checkpoint.universal_copy(run_dir, tensor)
         return cfg
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} is not empty; give a new directory for the resharded run")
-    staging = out.with_name(f".incomplete-{out.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    target = checkpoint.checkpoint_dir(staging) / source.name
-    checkpoint.write_universal(source, target, tensor, pipeline)
-    write_atomic(checkpoint.checkpoint_dir(staging) / checkpoint.LATEST, source.name.encode())
-    for name in RUN_RECORDS:
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, staging / name)
-    (staging / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
+    with new_directory(out, "resharded run") as staging:
+        target = checkpoint.checkpoint_dir(staging) / source.name
+        checkpoint.write_universal(source, target, tensor, pipeline)
+        write_atomic(checkpoint.checkpoint_dir(staging) / checkpoint.LATEST, source.name.encode())
+        for name in RUN_RECORDS:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, staging / name)
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return cfg
 
 
