@@ -1,0 +1,1 @@
+"""FLOP-matched studies: a sweep file -> planned runs -> launched runs -> fitted scaling laws."""
