@@ -51,9 +51,8 @@ from dlm_pretrain.parallel.config import ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig, load_config
-from dlm_pretrain.pretrain.flops import training_flops_per_sequence
 from dlm_pretrain.pretrain.metrics import device_peak_flops, throughput
-from dlm_pretrain.pretrain.model_spec import model_spec
+from dlm_pretrain.pretrain.model_spec import flops_per_sequence
 from dlm_pretrain.pretrain.run_sampling import sample_run
 from dlm_pretrain.pretrain.trainer import run
 
@@ -286,14 +285,11 @@ def check_throughput(cfg: RunConfig, clock: _StepClock) -> Check:
         return Check("throughput", FAIL, "fewer than 2 step lines in the trainer's log")
     (first_step, start), (last_step, end) = clock.marks[0], clock.marks[-1]
     manifest = open_dataset(cfg.data.path)
-    model_cfg, _ = model_spec(cfg, manifest)
     speed = throughput(
         (last_step - first_step) * cfg.train.global_batch,
         end - start,
         manifest.seq_len,
-        training_flops_per_sequence(
-            model_cfg, cfg.objective.name, model_cfg.seq_len, cfg.train.flops_convention
-        ),
+        flops_per_sequence(cfg, manifest),
         dist.get_world_size(),
         device_peak_flops(cfg.train.peak_flops),
     )

@@ -3,10 +3,14 @@
 Two conventions:
 - "exact": the forward FLOPs actually spent per sequence: the weight matmuls, the attention
   matmuls (QKᵀ and AV; half of them for causal attention), the output head and the loss.
-- "reference": the paper's figure (docs/algorithms.md §6.2), 2 (12 n d² + d V) L: weight
-  matmuls and the head, attention omitted, the same for every objective. Use it to reproduce
-  the paper's step counts (docs/pitfalls.md P9: it undercounts by 15-49% at L = 2048).
-Training FLOPs = 3 x forward (the backward counted as twice the forward).
+- "reference": the paper's figure (docs/algorithms.md §6.2): its measured per-size table where
+  the run is the paper's shape (a size of the table, V = 32001, L = 2048), else its formula
+  2 (12 n d² + d V) L: weight matmuls and the head, attention omitted, the same for every
+  objective. Use it to reproduce the paper's step counts (docs/pitfalls.md P9: it undercounts
+  by 15-49% at L = 2048).
+Training FLOPs = 3 x forward (the backward counted as twice the forward). Both conventions
+count the tokenizer's vocabulary, never the tensor-parallel padding, so a budget buys the same
+steps in every parallel layout.
 """
 
 from __future__ import annotations
@@ -15,6 +19,40 @@ from dlm_pretrain.parallel.config import TIME_FEATURES, ModelConfig
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
 
 CONVENTIONS = ("exact", "reference")
+
+# The paper's forward FLOPs of one sequence by size, as its profiler measured them for
+# V = 32001 and L = 2048 (docs/algorithms.md §6.2); they give its step counts exactly.
+REFERENCE_VOCAB, REFERENCE_SEQ_LEN = 32001, 2048
+REFERENCE_FORWARD_FLOPS = {
+    "6M": 53_026_000_000,
+    "19M": 108_600_000_000,
+    "34M": 170_570_000_000,
+    "48M": 222_747_000_000,
+    "66M": 285_808_000_000,
+    "75M": 406_821_000_000,
+    "85M": 346_382_000_000,
+    "113M": 449_410_000_000,
+    "142M": 536_595_000_000,
+    "170M": 623_779_000_000,
+    "180M": 671_042_000_000,
+    "206M": 750_126_000_000,
+    "231M": 829_211_000_000,
+    "268M": 960_366_000_000,
+    "302M": 1_063_600_000_000,
+    "336M": 1_166_900_000_000,
+    "472M": 1_618_700_000_000,
+    "551M": 1_860_500_000_000,
+    "571M": 1_940_000_000_000,
+    "629M": 2_102_300_000_000,
+    "666M": 2_232_600_000_000,
+    "761M": 2_525_200_000_000,
+    "831M": 2_754_500_000_000,
+    "944M": 3_102_700_000_000,
+    "1233M": 4_025_600_000_000,
+    "1476M": 4_806_600_000_000,
+    "1678M": 5_425_400_000_000,
+    "2121M": 6_805_400_000_000,
+}
 
 
 def matmul_flops_per_token(cfg: ModelConfig) -> int:
@@ -35,10 +73,14 @@ def conditioning_flops_per_sequence(cfg: ModelConfig) -> int:
 
 
 def forward_flops_per_sequence(
-    cfg: ModelConfig, objective: str, seq_len: int, convention: str = "exact"
+    cfg: ModelConfig, objective: str, seq_len: int, convention: str = "exact", size: str = ""
 ) -> int:
-    """Forward FLOPs of one sequence of `seq_len` tokens under the given convention."""
+    """Forward FLOPs of one sequence of `seq_len` tokens under the given convention; `size`, the
+    preset's name, picks the paper's measured figure where the run has the paper's shape."""
     if convention == "reference":
+        paper_shape = (cfg.vocab_size, seq_len) == (REFERENCE_VOCAB, REFERENCE_SEQ_LEN)
+        if paper_shape and size in REFERENCE_FORWARD_FLOPS:
+            return REFERENCE_FORWARD_FLOPS[size]
         per_token = 2 * (12 * cfg.n_layers * cfg.hidden_size**2 + cfg.hidden_size * cfg.vocab_size)
         return per_token * seq_len
     if convention != "exact":
@@ -54,9 +96,9 @@ def forward_flops_per_sequence(
 
 
 def training_flops_per_sequence(
-    cfg: ModelConfig, objective: str, seq_len: int, convention: str = "exact"
+    cfg: ModelConfig, objective: str, seq_len: int, convention: str = "exact", size: str = ""
 ) -> int:
-    return 3 * forward_flops_per_sequence(cfg, objective, seq_len, convention)
+    return 3 * forward_flops_per_sequence(cfg, objective, seq_len, convention, size)
 
 
 def steps_for_budget(budget_flops: float, train_flops_per_sequence: int, global_batch: int) -> int:

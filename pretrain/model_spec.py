@@ -8,6 +8,7 @@ from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.data_pipeline.manifest import Manifest
 from dlm_pretrain.parallel.config import ModelConfig
 from dlm_pretrain.pretrain.config import RunConfig
+from dlm_pretrain.pretrain.flops import steps_for_budget, training_flops_per_sequence
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of 128 x tensor size
@@ -44,3 +45,29 @@ def padded_vocab_size(tokenizer_size: int, tensor: int) -> int:
     """V rounded up to a multiple of 128 x tensor size."""
     multiple = VOCAB_MULTIPLE * tensor
     return -(-tokenizer_size // multiple) * multiple
+
+
+def flops_per_sequence(cfg: RunConfig, manifest: Manifest) -> int:
+    """Training FLOPs of one sequence, counted on the tokenizer's vocabulary, not the padded
+    one: a budget buys the same steps whatever the tensor size."""
+    model = ModelConfig.preset(
+        cfg.model.size, vocab_size=manifest.tokenizer["vocab_size"], seq_len=manifest.seq_len
+    )
+    return training_flops_per_sequence(
+        model, cfg.objective.name, manifest.seq_len, cfg.train.flops_convention, cfg.model.size
+    )
+
+
+def total_steps(cfg: RunConfig, manifest: Manifest) -> int:
+    """train.steps, or the steps train.flops_budget buys at the global batch."""
+    if cfg.train.steps:
+        return cfg.train.steps
+    per_step = flops_per_sequence(cfg, manifest)
+    steps = steps_for_budget(cfg.train.flops_budget, per_step, cfg.train.global_batch)
+    if steps < 1:
+        raise ConfigError(
+            f"train.flops_budget={cfg.train.flops_budget:g} buys no step of "
+            f"{per_step * cfg.train.global_batch:.3g} FLOPs; raise the budget or lower "
+            "train.global_batch"
+        )
+    return steps

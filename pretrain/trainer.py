@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from dlm_pretrain.common.errors import ConfigError, DlmError
+from dlm_pretrain.common.errors import DlmError
 from dlm_pretrain.data_pipeline import Tokenizer, TrainLoader, open_dataset, validation_batches
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE, TOKENIZER_FILE, Manifest
 from dlm_pretrain.parallel.config import ModelConfig
@@ -27,9 +27,8 @@ from dlm_pretrain.parallel.stages import forward_through_stages
 from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig
 from dlm_pretrain.pretrain.engine import build_engine
-from dlm_pretrain.pretrain.flops import steps_for_budget, training_flops_per_sequence
 from dlm_pretrain.pretrain.metrics import device_peak_flops, step_line, throughput
-from dlm_pretrain.pretrain.model_spec import model_spec
+from dlm_pretrain.pretrain.model_spec import flops_per_sequence, model_spec, total_steps
 from dlm_pretrain.pretrain.objectives import Objective, build_objective
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -217,14 +216,8 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
     model_cfg, vocab = model_spec(cfg, manifest, saved and saved["vocab_size"])
     vocab = vocab.to(runtime.device)
     objective = build_objective(cfg.objective)
-    flops_per_seq = training_flops_per_sequence(
-        model_cfg, cfg.objective.name, model_cfg.seq_len, cfg.train.flops_convention
-    )
-    total_steps = cfg.train.steps or steps_for_budget(
-        cfg.train.flops_budget, flops_per_seq, cfg.train.global_batch
-    )
-    if total_steps < 1:
-        raise ConfigError(f"train.flops_budget={cfg.train.flops_budget:g} buys no step")
+    flops_per_seq = flops_per_sequence(cfg, manifest)
+    steps = total_steps(cfg, manifest)
     cfg.train.accumulation_steps(groups.dp_size)  # checks the batch sizes before building
 
     layout = {"tensor": groups.tp_size, "pipeline": groups.pp_size, "data": groups.dp_size}
@@ -244,7 +237,7 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
     )
     if saved is not None and saved["format"] == checkpoint.WEIGHTS:
         checkpoint.load_weights(model, checkpoint.checkpoint_folder(run_dir))
-    engine = build_engine(model, cfg.train, cfg.optim, groups, total_steps, universal is not None)
+    engine = build_engine(model, cfg.train, cfg.optim, groups, steps, universal is not None)
     loader = TrainLoader(
         cfg.data.path,
         manifest,
@@ -255,7 +248,7 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         seed=cfg.data.seed,
         pin_memory=runtime.device.type == "cuda",
     )
-    _write_config(cfg, run_dir, model_cfg, total_steps, flops_per_seq)
+    _write_config(cfg, run_dir, model_cfg, steps, flops_per_seq)
     tracker = Tracker(
         cfg.tracking.uri or default_tracking_uri(run_dir),
         cfg.tracking.experiment,
@@ -278,7 +271,7 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         tokenizer=Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE),
         run_dir=run_dir,
         layout=layout,
-        total_steps=total_steps,
+        total_steps=steps,
         flops_per_seq=flops_per_seq,
         peak_flops=device_peak_flops(cfg.train.peak_flops),
     )

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from dlm_pretrain.data_pipeline.manifest import Manifest
 from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
+from dlm_pretrain.pretrain.config import load_config
 from dlm_pretrain.pretrain.flops import (
     attention_flops_per_sequence,
     forward_flops_per_sequence,
     steps_for_budget,
     training_flops_per_sequence,
 )
+from dlm_pretrain.pretrain.model_spec import model_spec, total_steps
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,13 +47,37 @@ def test_analytic_forward_flops_match_the_flop_counter(objective):
     assert abs(analytic - counted) / counted < 0.02
 
 
+def _paper_step_table() -> list[tuple[str, float, int]]:
+    """(size, budget, steps) from docs/algorithms.md §6.2's table of the paper's figures."""
+    text = (Path(__file__).parents[1] / "docs" / "algorithms.md").read_text()
+    rows = re.findall(r"^\| (\d+M) \| \d+ \| \d+ \| \d+ \| \d+ \| ([\d /]+) \|$", text, re.M)
+    budgets = (6e18, 1e19, 3e19, 6e19, 1e20)
+    return [
+        (size, budget, int(steps))
+        for size, column in rows
+        for budget, steps in zip(budgets, column.split(" / "), strict=True)
+    ]
+
+
 def test_reference_convention_reproduces_the_paper_step_counts():
-    """docs/algorithms.md §5.7: 19M at 6e18 FLOPs and G = 256 ran 71938 steps; 2121M at 1e20 ran
-    19133."""
-    for size, budget, steps in [("19M", 6e18, 71938), ("2121M", 1e20, 19133)]:
+    """Every size at every budget of the paper (G = 256, V = 32001, L = 2048), exactly; among
+    them the two counts its logs show: 19M at 6e18 ran 71938 steps, 2121M at 1e20 ran 19133."""
+    table = _paper_step_table()
+    assert len(table) == 28 * 5
+    assert ("19M", 6e18, 71938) in table and ("2121M", 1e20, 19133) in table
+    for size, budget, steps in table:
         cfg = ModelConfig.preset(size, vocab_size=32001, seq_len=2048)
-        per_seq = training_flops_per_sequence(cfg, "mdlm", 2048, "reference")
-        assert steps_for_budget(budget, per_seq, 256) == pytest.approx(steps, rel=3e-3)
+        per_seq = training_flops_per_sequence(cfg, "mdlm", 2048, "reference", size)
+        assert steps_for_budget(budget, per_seq, 256) == steps, (size, budget)
+
+
+def test_reference_convention_falls_back_to_the_formula_off_the_paper_shape():
+    """A size the table lacks, or another vocabulary or length: 2 (12 n d² + d V) L."""
+    for size, vocab, length in [("717M", 32001, 2048), ("19M", 50257, 2048), ("19M", 32001, 1024)]:
+        cfg = ModelConfig.preset(size, vocab_size=vocab, seq_len=length)
+        d, n = cfg.hidden_size, cfg.n_layers
+        expected = 2 * (12 * n * d * d + d * vocab) * length
+        assert forward_flops_per_sequence(cfg, "duo", length, "reference", size) == expected
 
 
 def test_exact_convention_counts_attention_and_the_causal_saving():
@@ -60,3 +90,36 @@ def test_exact_convention_counts_attention_and_the_causal_saving():
     attention = attention_flops_per_sequence(cfg, 2048, causal=False)
     assert attention / reference == pytest.approx(0.47, abs=0.01)
     assert reference < mdlm
+
+
+@pytest.mark.parametrize("convention", ["exact", "reference"])
+def test_a_budget_buys_the_same_steps_in_every_tensor_layout(convention):
+    """The padded vocabulary grows with the tensor size (300 ids: 384 rows at tensor 1, 512 at
+    tensor 4); the FLOPs, counted on the tokenizer's 300, do not."""
+    manifest = Manifest(
+        format_version=1,
+        seq_len=128,
+        dtype="uint16",
+        tokenizer={"vocab_size": 300, "special_ids": {"mask": 3, "pad": 0}},
+        corpus={},
+        val_fraction=0.0,
+        splits={},
+    )
+    steps, rows = set(), set()
+    for tensor in (1, 2, 4):
+        cfg = load_config(
+            None,
+            [
+                "model.size=cpu-small",
+                f"parallel.tensor={tensor}",
+                "train.steps=0",
+                f"train.flops_budget={3.3e12}",
+                f"train.flops_convention={convention}",
+            ],
+        )
+        rows.add(model_spec(cfg, manifest)[0].vocab_size)
+        steps.add(total_steps(cfg, manifest))
+    assert rows == {384, 512} and len(steps) == 1
+    unpadded = ModelConfig.preset("cpu-small", vocab_size=300, seq_len=128)
+    per_step = training_flops_per_sequence(unpadded, "mdlm", 128, convention) * 16
+    assert steps == {int(3.3e12 / per_step)}
