@@ -23,9 +23,13 @@ from dlm_pretrain.common.errors import CheckpointError
 from dlm_pretrain.common.files import write_atomic
 from dlm_pretrain.parallel.config import TENSOR_SPLIT_DIMS
 from dlm_pretrain.pretrain.checkpoint_files import (
+    LATEST,
     META_FILE,
+    checkpoint_dir,
+    latest_tag,
     read_meta,
     read_weights,
+    saved_meta,
     write_meta,
     write_weights,
 )
@@ -33,7 +37,6 @@ from megatron.core import parallel_state
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-LATEST = "latest"
 # The formats of a checkpoint folder: DeepSpeed's per-rank shards; its per-parameter form (a
 # new layout); the parameters alone (`dlm import-hf`: training starts a fresh optimizer).
 NATIVE, UNIVERSAL, WEIGHTS = "native", "universal", "weights"
@@ -59,15 +62,6 @@ class LoopState:
     consumed_samples: int = 0
     flops: float = 0.0
     skipped_steps: int = 0
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def latest_tag(run_dir: str | Path) -> str | None:
-    path = checkpoint_dir(run_dir) / LATEST
-    return path.read_text().strip() if path.is_file() else None
 
 
 def clean_incomplete(run_dir: str | Path) -> None:
@@ -112,12 +106,6 @@ def _publish(staging: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-
-
-def saved_meta(run_dir: str | Path) -> dict | None:
-    """The meta file of the latest checkpoint (step, format, layout, ...), or None."""
-    tag = latest_tag(run_dir)
-    return None if tag is None else read_meta(checkpoint_dir(run_dir) / tag)
 
 
 def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> Path:

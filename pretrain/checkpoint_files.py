@@ -20,6 +20,7 @@ from dlm_pretrain.common.files import write_atomic
 from dlm_pretrain.parallel.config import TENSOR_SPLIT_DIMS
 from torch import Tensor
 
+LATEST = "latest"  # in checkpoints/: the tag of the newest finished checkpoint
 META_FILE = "dlm_meta.json"  # step, layout, vocabulary and layer count: readable before any engine
 
 
@@ -85,3 +86,18 @@ def _load(path: Path) -> dict[str, Tensor | None]:
         raise CheckpointError(
             f"{path} cannot be read ({error}); the checkpoint is damaged, use an earlier one"
         ) from error
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_tag(run_dir: str | Path) -> str | None:
+    path = checkpoint_dir(run_dir) / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def saved_meta(run_dir: str | Path) -> dict | None:
+    """The meta file of the latest checkpoint (step, format, layout, ...), or None."""
+    tag = latest_tag(run_dir)
+    return None if tag is None else read_meta(checkpoint_dir(run_dir) / tag)
