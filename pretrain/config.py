@@ -111,6 +111,8 @@ class TrackingConfig(Section):
         default="", description="MLflow store ('': $MLFLOW_TRACKING_URI, else next to run_dir)"
     )
     experiment: str = Field(default="dlm", min_length=1, description="MLflow experiment")
+    parent_run_id: str = Field(default="", description="MLflow run this run is a child of")
+    tags: dict[str, str] = Field(default={}, description="MLflow tags of the run")
 
 
 class SamplingConfig(Section):

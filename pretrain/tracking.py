@@ -47,14 +47,24 @@ def _check_reachable(uri: str, timeout_s: float = 3.0) -> None:
 class Tracker:
     """log_params / log_metrics / log_artifact / close; a no-op on ranks other than 0."""
 
-    def __init__(self, uri: str, experiment: str, run_dir: Path, active: bool) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_dir: Path,
+        active: bool,
+        parent_run_id: str = "",
+        tags: dict[str, str] | None = None,
+    ) -> None:
         self.run_dir, self.active, self.uri = run_dir, active, uri
         self.run_id, self.resumed = None, False
         if not active:
             return
-        self._call(self._start, experiment)
+        self._call(self._start, experiment, parent_run_id, tags or {})
 
-    def _start(self, experiment: str) -> None:
+    def _start(self, experiment: str, parent_run_id: str, tags: dict[str, str]) -> None:
+        """A new run (a child of `parent_run_id`, as a sweep's runs are), or the one this run
+        directory started before."""
         import mlflow
 
         for name, value in MLFLOW_HTTP_DEFAULTS.items():  # MLflow reads them per request
@@ -66,7 +76,12 @@ class Tracker:
         mlflow.set_experiment(experiment)
         id_file = self.run_dir / "mlflow_run_id"
         resume_id = id_file.read_text().strip() if id_file.is_file() else None
-        run = mlflow.start_run(run_id=resume_id, run_name=self.run_dir.name)
+        run = mlflow.start_run(
+            run_id=resume_id,
+            run_name=self.run_dir.name,
+            parent_run_id=None if resume_id else parent_run_id or None,
+            tags=tags,
+        )
         self.run_id, self.resumed = run.info.run_id, resume_id is not None
         id_file.write_text(self.run_id)
 

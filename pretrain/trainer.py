@@ -254,6 +254,8 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         cfg.tracking.experiment,
         run_dir,
         active=dist.get_rank() == 0,
+        parent_run_id=cfg.tracking.parent_run_id,
+        tags=cfg.tracking.tags,
     )
     tracker.log_params(cfg.flat())
     tracker.log_artifact(run_dir / "config.yaml")
