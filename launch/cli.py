@@ -26,6 +26,7 @@ from dlm_pretrain.launch.launcher import (
     world_size,
 )
 from dlm_pretrain.launch.quiet import configure_output, hidden_prints, verbose_requested
+from dlm_pretrain.launch.sweep.commands import add_sweep_commands
 from dlm_pretrain.launch.train import (
     DEFAULT_DATA,
     add_run_arguments,
@@ -124,6 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(run=_run_sample)
 
     _add_release_commands(sub)
+    add_sweep_commands(sub, _add_command)
 
     sub.add_parser(
         "smoke",

@@ -71,15 +71,27 @@ def world_size(slots: dict[str, int] | None, nproc: int | None) -> int:
 
 
 def deepspeed_command(
-    preset: str | None, overrides: list[str], nproc: int | None, hostfile: str | None, hosts: int
+    preset: str | None,
+    overrides: list[str],
+    nproc: int | None,
+    hostfile: str | None,
+    hosts: int,
+    master_port: int | None = None,
+    devices: list[int] | None = None,
 ) -> list[str]:
     """The runner's command line. With a single host the runner launches on this machine
-    without ssh, so its ssh probes are skipped and the rendezvous is local."""
+    without ssh, so its ssh probes are skipped and the rendezvous is local. Runs side by side
+    on one machine (`dlm sweep launch`) each take their own rendezvous port and, on GPUs,
+    their own `devices`."""
     command = ["deepspeed"]
     if hostfile:
         command += ["--hostfile", hostfile]
         command += ["--no_ssh_check", "--master_addr", "127.0.0.1"] if hosts == 1 else []
-    if nproc is not None or not hostfile:
+    if master_port is not None:
+        command += ["--master_port", str(master_port)]
+    if devices:
+        command += ["--include", "localhost:" + ",".join(map(str, devices))]
+    elif nproc is not None or not hostfile:
         command += ["--num_gpus", str(nproc or 1)]
     settings = [preset, *overrides] if preset else overrides
     return [*command, "--module", "dlm_pretrain.launch.train", *settings]
@@ -138,7 +150,7 @@ def _ask_workers_to_stop(runner_pid: int, signalled: set[int]) -> set[int]:
     sent = set()
     for pid in _workers(runner_pid) - signalled:
         try:
-            if _handles(pid, signal.SIGUSR1):
+            if handles_signal(pid, signal.SIGUSR1):
                 os.kill(pid, signal.SIGUSR1)
                 sent.add(pid)
         except (FileNotFoundError, ProcessLookupError):  # it has just exited
@@ -160,7 +172,7 @@ def _workers(runner_pid: int) -> set[int]:
     return {pid for pid, parent in train.items() if parent not in train}
 
 
-def _handles(pid: int, sig: int) -> bool:
+def handles_signal(pid: int, sig: int) -> bool:
     """Whether the process has installed a handler for sig: bit sig-1 of SigCgt in
     /proc/PID/status (Linux, where the deepspeed launcher runs)."""
     status = Path(f"/proc/{pid}/status").read_text()

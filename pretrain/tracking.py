@@ -44,6 +44,19 @@ def _check_reachable(uri: str, timeout_s: float = 3.0) -> None:
         pass
 
 
+def _start_store(uri: str, experiment: str) -> None:
+    """Point MLflow at the store and the experiment, creating the experiment if needed."""
+    import mlflow
+
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():  # MLflow reads them per request
+        os.environ.setdefault(name, value)
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=_artifact_location(uri))
+    mlflow.set_experiment(experiment)
+
+
 class Tracker:
     """log_params / log_metrics / log_artifact / close; a no-op on ranks other than 0."""
 
@@ -67,13 +80,7 @@ class Tracker:
         directory started before."""
         import mlflow
 
-        for name, value in MLFLOW_HTTP_DEFAULTS.items():  # MLflow reads them per request
-            os.environ.setdefault(name, value)
-        _check_reachable(self.uri)
-        mlflow.set_tracking_uri(self.uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(experiment, artifact_location=_artifact_location(self.uri))
-        mlflow.set_experiment(experiment)
+        _start_store(self.uri, experiment)
         id_file = self.run_dir / "mlflow_run_id"
         resume_id = id_file.read_text().strip() if id_file.is_file() else None
         run = mlflow.start_run(
@@ -121,6 +128,49 @@ class Tracker:
         import mlflow
 
         self._call(mlflow.end_run)
+
+
+def sweep_parent_run(uri: str, experiment: str, name: str, id_file: Path, tags: dict) -> str:
+    """The MLflow run a sweep's runs are children of: the one `id_file` names, or a new one
+    (its id then written there). Raises if the store cannot be reached: a sweep must not start
+    runs it cannot find again."""
+    import mlflow
+
+    _start_store(uri, experiment)
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    with mlflow.start_run(run_name=name, tags={"sweep": name, **tags}) as run:
+        id_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def sweep_children(uri: str, parent_run_id: str) -> list[dict]:
+    """Every child of the sweep's parent run: its name, status, tags and latest metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    return [
+        {
+            "name": run.info.run_name,
+            "status": run.info.status,
+            "tags": run.data.tags,
+            "metrics": run.data.metrics,
+        }
+        for run in runs
+    ]
+
+
+def log_to_run(uri: str, run_id: str, artifacts: list[Path], artifact_path: str) -> None:
+    """Files attached to a finished run (a sweep's fits on its parent run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path)
 
 
 def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> Path:
