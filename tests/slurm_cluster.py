@@ -71,14 +71,16 @@ def ensure_slurm_installed() -> dict[str, str]:
     return {p: shutil.which(p, path=SEARCH_PATH) for p in PROGRAMS}
 
 
-def wait_for_file(path: Path, timeout_s: float) -> str:
-    """Poll until a job has written `path` (non-empty); its text."""
+def wait_for_lines(path: Path, n: int, timeout_s: float) -> list[str]:
+    """Poll until a job has written at least n lines to `path`; its lines."""
     deadline = time.monotonic() + timeout_s
-    while not (path.exists() and path.stat().st_size):
+    while True:
+        text = path.read_text() if path.exists() else ""
+        if text.count("\n") >= n:
+            return text.splitlines()
         if time.monotonic() > deadline:
-            raise AssertionError(f"{path} was not written within {timeout_s:.0f} s")
+            raise AssertionError(f"{path} has {text!r}, not {n} lines, after {timeout_s:.0f} s")
         time.sleep(0.1)
-    return path.read_text()
 
 
 def _free_ports(n: int) -> list[int]:
@@ -122,7 +124,9 @@ SlurmctldLogFile={root}/log/slurmctld.log
 SlurmdLogFile={root}/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-# Containers have no writable cgroup tree: track a job's processes by parentage in /proc.
+# No cgroups (containers rarely let Slurm manage them): track a job's processes by parentage.
+# Unlike proctrack/cgroup, this loses a process whose parent exited (it is never killed);
+# unlike proctrack/pgid, it finds children in other process groups and sessions.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
