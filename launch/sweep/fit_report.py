@@ -204,7 +204,7 @@ def _markdown(fit: SweepFit) -> str:
         "",
         f"Budgets {', '.join(f'{c:.2g}' for c in fit.budgets)} FLOPs; intervals are 95% "
         f"bootstrap percentiles ({fit.bootstrap} replicates, seed {fit.seed}). Losses in "
-        "nats/token. `*`: the minimum lies outside the sampled sizes (add sizes there).",
+        "nats/token.",
     ]
     for obj in fit.objectives:
         lines += ["", *_objective_markdown(obj)]
@@ -212,15 +212,15 @@ def _markdown(fit: SweepFit) -> str:
 
 
 def _objective_markdown(obj: ObjectiveFit) -> list[str]:
-    lines = [f"## {obj.objective}", "", "| budget (FLOPs) | runs | N* | L* |", "|---|---|---|---|"]
+    rows = [["budget (FLOPs)", "runs", "N*", "L*", "note"]]
     for p in obj.profiles:
+        runs = [f"{p.budget:.3g}", str(len(p.parameters))]
         if p.skipped:
-            lines.append(f"| {p.budget:.3g} | {len(p.parameters)} | skipped: {p.skipped} | |")
+            rows.append([*runs, "", "", f"skipped: {p.skipped}"])
         else:
-            star = "*" if p.extrapolated else ""
-            lines.append(
-                f"| {p.budget:.3g} | {len(p.parameters)} | {p.n_opt:.4g}{star} | {p.loss_opt:.4f} |"
-            )
+            note = "extrapolated: add sizes towards N*" if p.extrapolated else ""
+            rows.append([*runs, f"{p.n_opt:.4g}", f"{p.loss_opt:.4f}", note])
+    lines = [f"## {obj.objective}", "", *_table(rows)]
     lines.append("")
     if obj.size_law is None:
         return [*lines, f"No scaling laws: {obj.laws_skipped}."]
@@ -240,24 +240,31 @@ def _multipliers_markdown(fit: SweepFit) -> list[str]:
         "## Compute multipliers",
         "",
         "Compute A needs to reach B's L*(C), divided by C: > 1 means A needs more compute than "
-        "B for the same loss. `*`: A's law is extrapolated beyond its budgets.",
+        "B for the same loss. Columns: the budget C in FLOPs. `*`: A's law is extrapolated "
+        "beyond its budgets.",
         "",
     ]
     if not fit.multipliers:
         return [*lines, "None: fewer than two objectives have a loss law."]
-    lines += [
-        "| A | B | " + " | ".join(f"{c:.2g}" for c in fit.budgets) + " |",
-        "|---|---|" + "---|" * len(fit.budgets),
-    ]
-    pairs = dict.fromkeys((m.objective, m.reference) for m in fit.multipliers)
-    for a, b in pairs:
+    rows = [["A", "B", *(f"{c:.2g}" for c in fit.budgets)]]
+    for a, b in dict.fromkeys((m.objective, m.reference) for m in fit.multipliers):
         cells = [
             _ci(m.value, ".3f") + ("*" if m.extrapolated else "")
             for m in fit.multipliers
             if (m.objective, m.reference) == (a, b)
         ]
-        lines.append(f"| {a} | {b} | " + " | ".join(cells) + " |")
-    return lines
+        rows.append([a, b, *cells])
+    return [*lines, *_table(rows)]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """A Markdown table with padded columns, so that it also reads as a table in a terminal."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return [line(rows[0]), line(["-" * w for w in widths]), *(line(r) for r in rows[1:])]
 
 
 def _ci(e: Estimate, spec: str = ".4g") -> str:
