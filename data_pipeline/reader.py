@@ -15,6 +15,7 @@ set and order of sequences never depend on the number of ranks.
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -225,6 +226,7 @@ class TrainLoader:
             batch_size=None,
             num_workers=self.layout.num_workers,
             pin_memory=self.pin_memory,
+            worker_init_fn=_leave_stop_signals_to_the_trainer,
         )
         for batch in loader:
             self._consumed += 1
@@ -324,3 +326,11 @@ def validation_batches(
             shard = int(np.searchsorted(shard_base, i, side="right")) - 1
             samples.append(cache.get(shard)[i - int(shard_base[shard])])
         yield _collate(samples, ids)
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A loader worker ignores the stop signals. Slurm's requeue or preemption sends SIGTERM to
+    every process of the job: a worker killed by it would fail the trainer's step before the
+    trainer, which got the same signal, can save; the trainer ends its workers itself."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)

@@ -58,7 +58,8 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "1476M": (2048, 22, 16),
     "1678M": (2048, 25, 16),
     "2121M": (2176, 28, 17),
-    # CPU presets: quick tests and laptop runs
+    # CPU presets: quick tests, laptop runs and the mini study (sweeps/mini.yaml)
+    "micro": (32, 2, 2),
     "tiny": (64, 2, 2),
     "cpu-small": (128, 4, 4),
     "cpu-base": (256, 4, 4),

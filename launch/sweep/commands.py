@@ -39,7 +39,6 @@ def add_sweep_commands(sub: argparse._SubParsersAction, add_command: Callable) -
     one = actions.add_parser("run")  # what each backend starts; no help: not listed
     one.add_argument("sweep_file", type=Path)
     one.add_argument("--run", required=True, dest="run_name")
-    one.add_argument("--slot", type=int, default=0)
     one.add_argument("--devices", default="")
     one.set_defaults(run=_run_one, verbose=False)
 
@@ -96,7 +95,7 @@ def _run_one(args: argparse.Namespace) -> int:
     sweep, runs = _planned(args.sweep_file)
     run = _named(runs, args.run_name)
     devices = [int(d) for d in args.devices.split(",") if d]
-    return run_one(sweep, run, args.slot, devices)
+    return run_one(sweep, run, devices)
 
 
 def _named(runs: list[PlannedRun], name: str) -> PlannedRun:

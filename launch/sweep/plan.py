@@ -9,6 +9,7 @@ the run cannot disagree."""
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -49,7 +50,8 @@ class PlannedRun:
 
 
 def run_name(objective: str, size: str, budget: float) -> str:
-    return f"{objective}-{size}-{budget:.3g}".replace("e+", "e")
+    """E.g. mdlm-113M-6e18: the budget with three significant digits."""
+    return f"{objective}-{size}-" + re.sub(r"e\+?0*", "e", f"{budget:.3g}")
 
 
 def plan_sweep(sweep: SweepConfig, prepare_data: bool = False) -> list[PlannedRun]:
@@ -104,14 +106,16 @@ def _plan_run(sweep: SweepConfig, label: str, size: str, budget: float, world: i
         f"train.run_dir={run_dir}",
     )
     problems, steps, flops = [], 0, 0.0
+    cfg = load_run_config(None, list(settings))
     try:
-        cfg = load_run_config(None, list(settings))
         cfg.check_world_size(world)
+    except DlmError as e:
+        problems.append(str(e))
+    try:
         steps = total_steps(cfg, manifest)
         flops = float(steps * cfg.train.global_batch * flops_per_sequence(cfg, manifest))
     except DlmError as e:
         problems.append(str(e))
-        cfg = base
     tokens = steps * cfg.train.global_batch * manifest.seq_len
     epochs = tokens / _train_tokens(manifest)
     if steps and steps < sweep.checks.min_steps:

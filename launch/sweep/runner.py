@@ -3,7 +3,7 @@ until each has trained all its steps.
 
 `dlm sweep run SWEEP --run NAME` trains one run to the end (or to a stop signal: the workers
 save and exit 0) and is what every backend starts: `local` starts it as a child process,
-`concurrent` at a time on disjoint devices and rendezvous ports; `hostfile` starts it once per
+`concurrent` at a time on disjoint devices and free rendezvous ports; `hostfile` starts it once per
 run across the hostfile's nodes; `slurm` puts it in one batch job per run (launch.sweep.slurm).
 A run whose checkpoint has reached its planned steps is done and skipped; any other resumes
 from its checkpoint, so launching again after a stop, a crash or a preemption finishes the
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,7 +36,6 @@ from dlm_pretrain.pretrain.tracking import sweep_parent_run
 log = logging.getLogger(__name__)
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
-BASE_PORT = 29500  # slot k of a local sweep rendezvouses on BASE_PORT + k
 _POLL_S = 0.5
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
@@ -87,7 +87,7 @@ def run_settings(sweep: SweepConfig, run: PlannedRun, parent_id: str) -> list[st
     ]
 
 
-def run_one(sweep: SweepConfig, run: PlannedRun, slot: int, devices: list[int]) -> int:
+def run_one(sweep: SweepConfig, run: PlannedRun, devices: list[int]) -> int:
     """Train one run to its end or to a stop signal; returns the launcher's exit code. In a
     Slurm job, a run stopped before its end (preemption, the time limit's warning) requeues
     its job, which resumes from the checkpoint just saved."""
@@ -96,15 +96,17 @@ def run_one(sweep: SweepConfig, run: PlannedRun, slot: int, devices: list[int]) 
     hosts = len(hostfile_slots(hostfile)) if hostfile else 1
     settings = run_settings(sweep, run, parent_run_id(sweep))
     nproc = None if hostfile else backend.nproc
+    port = None if hostfile else free_port()  # runs side by side, other jobs on the node
     command = deepspeed_command(
-        None, settings, nproc, hostfile, hosts, master_port=BASE_PORT + slot, devices=devices
+        None, settings, nproc, hostfile, hosts, master_port=port, devices=devices
     )
     print("+ " + " ".join(command), flush=True)
     code = run_deepspeed(command, hosts)
     if code == 0 and not is_done(run) and "SLURM_JOB_ID" in os.environ:
         job = os.environ["SLURM_JOB_ID"]
         print(f"{run.name} stopped at step {trained_steps(run)}: requeueing job {job}", flush=True)
-        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        # Slurm may be requeueing it already (a preemption's SIGTERM), which this call refuses
+        subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
     return code
 
 
@@ -134,7 +136,7 @@ def launch_local(sweep_path: Path, sweep: SweepConfig, runs: list[PlannedRun]) -
                 if slot not in running and pending and not signals:
                     run = pending.pop(0)
                     running[slot] = _start(
-                        sweep_path, run, slot, devices[slot], concurrent, sweep.backend.nproc
+                        sweep_path, run, devices[slot], concurrent, sweep.backend.nproc
                     )
                     done = total - len(pending) - len(running)
                     print(f"[{done}/{total}] started {run.name} (slot {slot})", flush=True)
@@ -163,6 +165,13 @@ def launch_local(sweep_path: Path, sweep: SweepConfig, runs: list[PlannedRun]) -
     return 0
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a run's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def device_slots(nproc: int, concurrent: int) -> list[list[int]]:
     """The GPUs of each slot, disjoint (none on a CPU machine, where runs share the cores)."""
     import torch
@@ -179,12 +188,12 @@ def device_slots(nproc: int, concurrent: int) -> list[list[int]]:
 
 
 def _start(
-    sweep_path: Path, run: PlannedRun, slot: int, devices: list[int], concurrent: int, nproc: int
+    sweep_path: Path, run: PlannedRun, devices: list[int], concurrent: int, nproc: int
 ) -> tuple[PlannedRun, subprocess.Popen, Path]:
     """A `dlm sweep run` child in its own session (signals reach it through this process
     only); with several at a time each writes to RUN_DIR/launch.log instead of the terminal."""
     command = [sys.executable, "-m", "dlm_pretrain.launch.cli", "sweep", "run", str(sweep_path)]
-    command += ["--run", run.name, "--slot", str(slot)]
+    command += ["--run", run.name]
     command += ["--devices", ",".join(map(str, devices))] if devices else []
     run.run_dir.mkdir(parents=True, exist_ok=True)
     output = run.run_dir / "launch.log"
