@@ -61,6 +61,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
     # CPU presets: quick tests, laptop runs and the mini study (sweeps/mini.yaml)
     "micro": (32, 2, 2),
     "tiny": (64, 2, 2),
+    "cpu-96": (96, 3, 3),
     "cpu-small": (128, 4, 4),
     "cpu-base": (256, 4, 4),
 }

@@ -167,6 +167,14 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
         assert int(tags["parameters"]) == run.non_embedding
         assert children[run.name]["metrics"]["val/loss"] > 0
 
+    # the fit reads the final losses back from MLflow; one size per objective is no profile
+    fit = _dlm("sweep", "fit", str(path), cwd=tmp_path, stdout=subprocess.PIPE)
+    report, _ = fit.communicate(timeout=120)
+    assert fit.returncode == 0, report
+    rows = list(csv.DictReader((Path(sweep.runs_dir) / "fit" / "scaling_fit.csv").open()))
+    assert sorted(r["objective"] for r in rows) == ["ar", "mdlm"]
+    assert "a parabola needs >= 3" in report, report
+
 
 def _children(sweep) -> dict[str, dict]:
     from dlm_pretrain.launch.sweep.config import tracking_target

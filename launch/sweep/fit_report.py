@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from dlm_pretrain.common.files import write_atomic
 from dlm_pretrain.launch.sweep.fit import Estimate, ObjectiveFit, Profile, SweepFit
+from dlm_pretrain.launch.sweep.tables import markdown_table
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -258,13 +259,7 @@ def _multipliers_markdown(fit: SweepFit) -> list[str]:
 
 
 def _table(rows: list[list[str]]) -> list[str]:
-    """A Markdown table with padded columns, so that it also reads as a table in a terminal."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return [line(rows[0]), line(["-" * w for w in widths]), *(line(r) for r in rows[1:])]
+    return markdown_table(rows[0], rows[1:]).splitlines()
 
 
 def _ci(e: Estimate, spec: str = ".4g") -> str:

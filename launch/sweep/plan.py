@@ -20,6 +20,7 @@ from dlm_pretrain.data_pipeline import open_dataset, prepare_dataset
 from dlm_pretrain.data_pipeline.manifest import Manifest
 from dlm_pretrain.launch.launcher import hostfile_slots
 from dlm_pretrain.launch.sweep.config import SweepConfig
+from dlm_pretrain.launch.sweep.tables import markdown_table
 from dlm_pretrain.launch.train import DEFAULT_DATA, load_run_config, needs_default_data
 from dlm_pretrain.parallel.config import ModelConfig, parameter_count
 from dlm_pretrain.pretrain.model_spec import flops_per_sequence, total_steps
@@ -202,12 +203,6 @@ def plan_table(runs: list[PlannedRun]) -> str:
         for run in runs
     ]
     return markdown_table(tuple(header for _, header, _ in COLUMNS), rows)
-
-
-def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def write_plan(runs: list[PlannedRun], runs_dir: Path) -> tuple[Path, Path]:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlm_pretrain.launch.sweep.config import SweepConfig, tracking_target
-from dlm_pretrain.launch.sweep.plan import PlannedRun, markdown_table
+from dlm_pretrain.launch.sweep.plan import PlannedRun
 from dlm_pretrain.launch.sweep.runner import PARENT_ID_FILE, trained_steps
+from dlm_pretrain.launch.sweep.tables import markdown_table
 from dlm_pretrain.pretrain.tracking import sweep_children
 
 STEP_LOG = "train_log.jsonl"  # the trainer appends a line per step
