@@ -15,7 +15,9 @@ set and order of sequences never depend on the number of ranks.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from dlm_pretrain.data_pipeline.shards import read_shard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 STATE_VERSION = 1
+STOP_GRACE_S = 30  # a loader worker outlives SIGTERM this long (Slurm's default KillWait)
 
 
 @dataclass(frozen=True)
@@ -329,8 +332,17 @@ def validation_batches(
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """A loader worker ignores the stop signals. Slurm's requeue or preemption sends SIGTERM to
-    every process of the job: a worker killed by it would fail the trainer's step before the
-    trainer, which got the same signal, can save; the trainer ends its workers itself."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+    """A loader worker outlives the stop signals for a while. Slurm's requeue or preemption
+    sends SIGTERM to every process of the job: a worker killed by it would fail the trainer's
+    step before the trainer, which got the same signal, saves. The trainer shuts its workers
+    down itself; SIGTERM ends a worker only STOP_GRACE_S later, so that a SIGTERM from anyone
+    else (multiprocessing's clean-up at exit) still ends it."""
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_later)
+
+
+def _exit_later(sig: int, frame) -> None:
+    timer = threading.Timer(STOP_GRACE_S, os._exit, (0,))
+    timer.daemon = True
+    timer.start()

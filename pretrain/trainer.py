@@ -182,23 +182,28 @@ def run(cfg: RunConfig, runtime: Runtime | None = None) -> Path:
     clock = (time.perf_counter(), state.step)
     if state.step == 0:
         _validate_and_sample(r, state)  # the starting point of the validation curve
-    while state.step < r.total_steps:
-        loss = r.engine.train_batch(data_iter=micro_batches).item()  # host sync: one per step
-        grad_norm = _grad_norm(r.engine)
-        state.step += 1
-        state.consumed_samples += cfg.train.global_batch
-        state.flops += r.flops_per_seq * cfg.train.global_batch
-        bad_in_a_row = _record_step(r, state, loss, grad_norm, bad_in_a_row)
-        if state.step % cfg.train.log_every == 0 or state.step == r.total_steps:
-            _log_step(r, state, loss, grad_norm, clock)
-        if state.step % cfg.train.val_every == 0 or state.step == r.total_steps:
-            _validate_and_sample(r, state)
-        if stop.agreed(r.runtime.device):
-            _save(r, state)
-            log.info("stop requested: saved at step %d, exiting", state.step)
-            break
-        if state.step % cfg.train.checkpoint_every == 0 or state.step == r.total_steps:
-            _save(r, state)
+    try:
+        while state.step < r.total_steps:
+            loss = r.engine.train_batch(data_iter=micro_batches).item()  # host sync: one per step
+            grad_norm = _grad_norm(r.engine)
+            state.step += 1
+            state.consumed_samples += cfg.train.global_batch
+            state.flops += r.flops_per_seq * cfg.train.global_batch
+            bad_in_a_row = _record_step(r, state, loss, grad_norm, bad_in_a_row)
+            if state.step % cfg.train.log_every == 0 or state.step == r.total_steps:
+                _log_step(r, state, loss, grad_norm, clock)
+            if state.step % cfg.train.val_every == 0 or state.step == r.total_steps:
+                _validate_and_sample(r, state)
+            if stop.agreed(r.runtime.device):
+                _save(r, state)
+                log.info("stop requested: saved at step %d, exiting", state.step)
+                break
+            if state.step % cfg.train.checkpoint_every == 0 or state.step == r.total_steps:
+                _save(r, state)
+    finally:
+        # Shut the loader's workers down now: left to interpreter exit, multiprocessing
+        # would SIGTERM them, which they ignore (data_pipeline/reader.py), and wait forever.
+        micro_batches.close()
     r.tracker.close()
     return r.run_dir
 

@@ -3,6 +3,7 @@ backend launching, stopping and resuming real runs through the deepspeed launche
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from dlm_pretrain.common.errors import ConfigError
@@ -107,9 +109,25 @@ def test_a_run_setting_that_does_not_exist_is_refused_before_anything_runs(datas
         plan_sweep(sweep)
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """A failed test kills what its `dlm sweep` left running (runs live in their own sessions)."""
+    yield
+    for proc in _STARTED:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+        proc.kill()
+    _STARTED.clear()
+
+
 def _dlm(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     command = [sys.executable, "-m", "dlm_pretrain.launch.cli", *args]
-    return subprocess.Popen(command, cwd=cwd, env=ONE_THREAD_ENV, text=True, **kwargs)
+    _STARTED.append(subprocess.Popen(command, cwd=cwd, env=ONE_THREAD_ENV, text=True, **kwargs))
+    return _STARTED[-1]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
