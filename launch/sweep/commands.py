@@ -49,14 +49,20 @@ def _planned(sweep_file: Path, prepare_data: bool = False) -> tuple:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from dlm_pretrain.launch.sweep.status import with_measured_hours
+
     sweep, runs = _planned(args.sweep_file, prepare_data=True)
+    runs = with_measured_hours(sweep, runs)
     print(plan_table(runs))
     csv_path, md_path = write_plan(runs, Path(sweep.runs_dir))
     flops = sum(run.flops for run in runs)
     print(f"{len(runs)} runs, {flops:.3g} training FLOPs in all; saved {csv_path}, {md_path}")
-    if sweep.throughput:
+    if any(run.hours for run in runs):
         hours = sum(run.hours or 0 for run in runs)
-        print(f"estimated {hours:.1f} hours at {sweep.throughput:.3g} FLOP/s per run")
+        print(
+            f"estimated {hours:.2f} run-hours, from the FLOP/s the sweep's runs have reached "
+            f"where they have run, else from throughput={sweep.throughput:g} FLOP/s"
+        )
     problems = refusals(runs)
     if problems:
         print(f"\n{len(problems)} problem(s); `dlm sweep launch` refuses this plan:")

@@ -120,7 +120,7 @@ def launch_local(sweep_path: Path, sweep: SweepConfig, runs: list[PlannedRun]) -
             print(f"{run.name}: done ({run.steps} steps), skipped")
     concurrent = 1 if sweep.backend.kind == "hostfile" else sweep.backend.concurrent
     devices = device_slots(sweep.backend.nproc, concurrent)
-    start, total = time.monotonic(), len(pending)
+    progress = _Progress(len(pending), sum(run.flops for run in pending))
     running: dict[int, tuple[PlannedRun, subprocess.Popen, Path]] = {}
     signals: list[int] = []
     sent: dict[int, int] = {}  # child pid -> signals passed on
@@ -135,23 +135,20 @@ def launch_local(sweep_path: Path, sweep: SweepConfig, runs: list[PlannedRun]) -
             for slot in range(concurrent):
                 if slot not in running and pending and not signals:
                     run = pending.pop(0)
-                    running[slot] = _start(
-                        sweep_path, run, devices[slot], concurrent, sweep.backend.nproc
-                    )
-                    done = total - len(pending) - len(running)
-                    print(f"[{done}/{total}] started {run.name} (slot {slot})", flush=True)
+                    nproc = sweep.backend.nproc
+                    running[slot] = _start(sweep_path, run, devices[slot], concurrent, nproc)
+                    print(f"{progress.line()} started {run.name} (slot {slot})", flush=True)
             _pass_on(signals, running, sent)
             for slot, (run, child, output) in list(running.items()):
                 if child.poll() is None:
                     continue
                 del running[slot]
                 state = "done" if is_done(run) else f"stopped at step {trained_steps(run)}"
-                if child.returncode:
+                if child.returncode and not signals:
                     failed.append(run.name)
                     state = f"failed (exit {child.returncode}; log {output})"
-                done = total - len(pending) - len(running)
-                elapsed = time.monotonic() - start
-                print(f"[{done}/{total}] {run.name}: {state}; {_eta(elapsed, done, total)}")
+                progress.finished(run)
+                print(f"{progress.line()} {run.name}: {state}; {progress.eta()}", flush=True)
             time.sleep(_POLL_S)
     finally:
         for sig, handler in previous.items():
@@ -163,6 +160,29 @@ def launch_local(sweep_path: Path, sweep: SweepConfig, runs: list[PlannedRun]) -
         print("stopped; launch again to resume the unfinished runs")
         return 128 + signals[0]
     return 0
+
+
+class _Progress:
+    """Runs ended out of the runs to train, and the ETA from the FLOPs trained so far."""
+
+    def __init__(self, runs: int, flops: float) -> None:
+        self.runs, self.flops = runs, flops
+        self.ended, self.flops_ended, self.start = 0, 0.0, time.monotonic()
+
+    def finished(self, run: PlannedRun) -> None:
+        self.ended += 1
+        self.flops_ended += run.flops
+
+    def line(self) -> str:
+        return f"[{self.ended}/{self.runs}]"
+
+    def eta(self) -> str:
+        elapsed = time.monotonic() - self.start
+        text = f"elapsed {elapsed / 60:.1f} min"
+        if self.flops_ended:
+            left = elapsed / self.flops_ended * (self.flops - self.flops_ended)
+            text += f", ETA {left / 60:.1f} min"
+        return text
 
 
 def free_port() -> int:
@@ -229,10 +249,3 @@ def _pass_on(signals: list[int], running: dict, sent: dict[int, int]) -> None:
             os.kill(child.pid, signals[count])
             count += 1
         sent[child.pid] = count
-
-
-def _eta(elapsed: float, done: int, total: int) -> str:
-    if done == 0:
-        return f"elapsed {elapsed / 60:.1f} min"
-    left = elapsed / done * (total - done)
-    return f"elapsed {elapsed / 60:.1f} min, ETA {left / 60:.1f} min"

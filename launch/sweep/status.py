@@ -4,7 +4,7 @@ step, the freshness of its step log) and from MLflow (validation loss, tokens/s)
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dlm_pretrain.launch.sweep.config import SweepConfig, tracking_target
@@ -35,6 +35,24 @@ class RunStatus:
 def sweep_status(sweep: SweepConfig, runs: list[PlannedRun]) -> list[RunStatus]:
     children = {child["name"]: child for child in _children(sweep)}
     return [_status(run, children.get(run.name)) for run in runs]
+
+
+def with_measured_hours(sweep: SweepConfig, runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs with their hours re-estimated from the training FLOP/s that runs of the same
+    objective and size have reached so far (their MLflow tokens/s); the others keep the
+    estimate from the sweep's `throughput`."""
+    rates = {}
+    children = {child["name"]: child for child in _children(sweep)}
+    for run in runs:
+        tokens_per_s = children.get(run.name, {}).get("metrics", {}).get("train/tokens_per_s")
+        if tokens_per_s and run.tokens:
+            rates[run.objective, run.size] = tokens_per_s * run.flops / run.tokens
+    return [
+        replace(run, hours=run.flops / rates[run.objective, run.size] / 3600)
+        if (run.objective, run.size) in rates
+        else run
+        for run in runs
+    ]
 
 
 def _children(sweep: SweepConfig) -> list[dict]:
