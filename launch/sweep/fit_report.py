@@ -18,7 +18,12 @@ from dlm_pretrain.launch.sweep.tables import markdown_table
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import (
+    FormatStrFormatter,
+    LogFormatterSciNotation,
+    LogLocator,
+    NullFormatter,
+)
 
 LOSS_LABEL = "validation loss (nats/token)"
 COMPUTE_LABEL = "training compute C (FLOPs)"
@@ -82,6 +87,10 @@ def _isoflop_figure(fit: SweepFit) -> Figure:
             [], [], marker="*", s=120, facecolor="none", edgecolor="black", label=MINIMUM_LABEL
         )
         ax.set(xscale="log", xlabel="parameters N", ylabel=LOSS_LABEL, title=obj.objective)
+        # labels at 1, 2 and 5 x 10^k: a narrow range may hold no power of ten at all
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize="small", title="budget")
         ax.grid(alpha=0.3, which="both")
     for ax in axes[len(fit.objectives) :]:
