@@ -183,6 +183,7 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
         assert tags["sweep"] == "t" and tags["objective"] == run.objective
         assert (tags["size"], float(tags["budget"])) == ("micro", 3e9)
         assert int(tags["parameters"]) == run.non_embedding
+        assert (tags["convention"], int(tags["steps"])) == ("exact", run.steps)
         assert children[run.name]["metrics"]["val/loss"] > 0
 
     # the fit reads the final losses back from MLflow; one size per objective is no profile

@@ -34,6 +34,7 @@ class PlannedRun:
     objective: str  # the sweep's label (several labels may share an objective)
     size: str
     budget: float  # training FLOPs
+    convention: str  # how the FLOPs are counted (train.flops_convention)
     settings: tuple[str, ...]  # `dlm train` key=value settings
     run_dir: Path
     parameters: int  # the whole model, on the tokenizer's vocabulary
@@ -135,6 +136,7 @@ def _plan_run(sweep: SweepConfig, label: str, size: str, budget: float, world: i
         objective=label,
         size=size,
         budget=budget,
+        convention=cfg.train.flops_convention,
         settings=settings,
         run_dir=run_dir,
         parameters=parameters,

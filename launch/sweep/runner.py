@@ -63,10 +63,6 @@ def run_settings(sweep: SweepConfig, run: PlannedRun, parent_id: str) -> list[st
     """The run's `dlm train` settings, with its place in MLflow: a child of the sweep's
     parent run, tagged with what the sweep knows of it."""
     uri, experiment = tracking_target(sweep)
-    convention = next(
-        (s.split("=", 1)[1] for s in reversed(run.settings) if s.startswith("train.flops_conv")),
-        "exact",
-    )
     tags = {
         "sweep": sweep.name,
         "objective": run.objective,
@@ -74,7 +70,7 @@ def run_settings(sweep: SweepConfig, run: PlannedRun, parent_id: str) -> list[st
         "parameters": str(run.non_embedding),
         "parameters_total": str(run.parameters),
         "budget": repr(run.budget),
-        "convention": convention,
+        "convention": run.convention,
         "flops": repr(run.flops),
         "steps": str(run.steps),
     }
