@@ -145,15 +145,20 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
         "data.path": str(dataset),
         "train.global_batch": 8,
         "train.micro_batch": 4,
-        "train.checkpoint_every": 4,
+        "train.checkpoint_every": 25,
         "train.val_every": 1000,
         "train.val_sequences": 8,
         "data.num_workers": 0,
     }
     path = _sweep_file(
-        tmp_path, dataset, sizes=["micro"], budgets=[3e9], settings=settings,
+        tmp_path,
+        dataset,
+        sizes=["micro"],
+        budgets=[1e11],
+        settings=settings,
         backend={"concurrent": 2},
-    )  # fmt: skip
+        checks={"min_steps": 2, "max_epochs": 5},
+    )  # fmt: skip  (~700 steps: long enough for the stop to land mid-run)
     sweep = load_sweep(path)
     runs = plan_sweep(sweep)
     launch = _dlm("sweep", "launch", str(path), cwd=tmp_path)
@@ -181,7 +186,7 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
     for run in runs:
         tags = children[run.name]["tags"]
         assert tags["sweep"] == "t" and tags["objective"] == run.objective
-        assert (tags["size"], float(tags["budget"])) == ("micro", 3e9)
+        assert (tags["size"], float(tags["budget"])) == ("micro", 1e11)
         assert int(tags["parameters"]) == run.non_embedding
         assert (tags["convention"], int(tags["steps"])) == ("exact", run.steps)
         assert children[run.name]["metrics"]["val/loss"] > 0

@@ -239,3 +239,19 @@ def test_report_files_read_back(sweep, tmp_path):
     assert all(f"## {name}" in markdown for name in LAWS)
     rows = [[c.strip() for c in line.split("|")[1:3]] for line in markdown.splitlines()]
     assert ["mdlm_ce", "mdlm"] in rows  # a row of the multiplier table
+
+
+def test_a_sweep_without_any_minimum_still_gets_its_report(tmp_path):
+    """One size per budget (a sweep's first runs): every profile skipped, no law, yet the
+    report is written, its plots included (a log axis with nothing on it cannot be drawn)."""
+    rng = np.random.default_rng()
+    results = [
+        RunResult(name, budget, 2e5, 5 + rng.random())
+        for name in ("ar", "mdlm")
+        for budget in (1e10, 3e10)
+    ]
+    fit = fit_sweep(results, bootstrap=10)
+    assert all(p.skipped for obj in fit.objectives for p in obj.profiles)
+    for path in write_fit_report(fit, tmp_path):
+        assert path.stat().st_size > 0
+    assert matplotlib.image.imread(tmp_path / "scaling_laws.png").ndim == 3

@@ -111,10 +111,24 @@ def test_data_parallel_2_equals_one_process(dataset, tmp_path):
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
 
 
+# Execs its arguments with SIGINT and SIGHUP at their defaults, as a terminal starts a command,
+# whatever the test runner inherited: a background job ignores SIGINT, nohup SIGHUP, and an
+# ignored signal stays ignored through exec (dlm leaves it so, by design).
+_DEFAULT_SIGNALS = (
+    "import os, signal, sys\n"
+    "for s in (signal.SIGINT, signal.SIGHUP): signal.signal(s, signal.SIG_DFL)\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _launch(args: list[str], run_dir: Path) -> subprocess.Popen:
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(
-        args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ONE_THREAD
+        [sys.executable, "-c", _DEFAULT_SIGNALS, *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=ONE_THREAD,
     )
 
 
@@ -308,8 +322,9 @@ def test_flops_budget_sets_the_number_of_steps(dataset, tmp_path):
     from dlm_pretrain.pretrain.flops import training_flops_per_sequence
 
     manifest = open_dataset(dataset)
+    cfg = load_config("default", _overrides(dataset, tmp_path / "budget"))
     model_cfg = ModelConfig.preset(
-        "cpu-small", vocab_size=manifest.tokenizer["vocab_size"], seq_len=manifest.seq_len
+        cfg.model.size, vocab_size=manifest.tokenizer["vocab_size"], seq_len=manifest.seq_len
     )
     per_step = training_flops_per_sequence(model_cfg, "mdlm", model_cfg.seq_len) * 16
     _train(

@@ -87,6 +87,8 @@ def _isoflop_figure(fit: SweepFit) -> Figure:
             [], [], marker="*", s=120, facecolor="none", edgecolor="black", label=MINIMUM_LABEL
         )
         ax.set(xscale="log", xlabel="parameters N", ylabel=LOSS_LABEL, title=obj.objective)
+        sizes = [n for p in obj.profiles for n in (*p.parameters, p.n_opt) if n]
+        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)  # positive, even for one size
         # labels at 1, 2 and 5 x 10^k: a narrow range may hold no power of ten at all
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
@@ -130,13 +132,17 @@ def _laws_figure(fit: SweepFit) -> Figure:
         ax_l.plot(c, obj.loss_law(c), color=color, label=f"{obj.objective}: {_loss_text(obj)}")
     ax_n.set(ylabel="compute-optimal parameters N*", title="N*(C) = a·C^b")
     ax_l.set(ylabel=f"minimum {LOSS_LABEL}", title="L*(C) = E + A·C^-alpha")
+    minima = any(not p.skipped for obj in fit.objectives for p in obj.profiles)
     for ax in (ax_n, ax_l):
-        ax.set(xscale="log", yscale="log", xlabel=COMPUTE_LABEL)
+        ax.set(xscale="log", yscale="log" if minima else "linear", xlabel=COMPUTE_LABEL)
+        ax.set_xlim(c[0], c[-1])
+        if not minima:  # nothing to draw on a log axis
+            ax.text(0.5, 0.5, "no IsoFLOP minimum", transform=ax.transAxes, ha="center")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="small")
-    # losses span less than a decade: plain numbers, set after the log scale (which resets them)
-    ax_l.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
-    ax_l.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+    if minima:  # losses span less than a decade: plain numbers, set after the log scale
+        ax_l.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+        ax_l.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
     return fig
 
 
