@@ -20,6 +20,9 @@ from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.data_pipeline import open_dataset
 from dlm_pretrain.launch.sweep.config import load_sweep
 from dlm_pretrain.launch.sweep.plan import PLAN_CSV, plan_sweep, refusals, write_plan
+from dlm_pretrain.launch.sweep.results import fit_and_report
+from dlm_pretrain.launch.sweep.runner import launch_local
+from dlm_pretrain.launch.sweep.status import status_table, sweep_status
 from dlm_pretrain.parallel.config import ModelConfig, parameter_count
 from dlm_pretrain.pretrain.flops import training_flops_per_sequence
 
@@ -136,7 +139,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, tmp_path):
+def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, tmp_path, capsys):
     """Two runs side by side through the deepspeed launcher; SIGTERM to `dlm sweep launch`
     reaches both, which save and stop; launching again finishes them from their checkpoints
     and a third launch has nothing to do. Every run is an MLflow child of the sweep's parent,
@@ -174,13 +177,11 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
     assert _dlm("sweep", "launch", str(path), cwd=tmp_path).wait(timeout=300) == 0
     for run in runs:
         assert sorted(_losses(run.run_dir)) == list(range(1, run.steps + 1))
-    again = _dlm("sweep", "launch", str(path), cwd=tmp_path, stdout=subprocess.PIPE)
-    out, _ = again.communicate(timeout=120)
-    assert again.returncode == 0 and out.count("done") == 2 and "started" not in out
-
-    status = _dlm("sweep", "status", str(path), cwd=tmp_path, stdout=subprocess.PIPE)
-    table, _ = status.communicate(timeout=120)
-    assert status.returncode == 0 and "2 runs: 2 done" in table
+    # the rest in this process: the commands' own functions, without their start-up
+    assert launch_local(path, sweep, runs) == 0  # nothing left to do
+    out = capsys.readouterr().out
+    assert out.count("done (") == 2 and "started" not in out
+    assert "2 runs: 2 done" in status_table(sweep_status(sweep, runs))
     children = _children(sweep)
     assert sorted(children) == sorted(r.name for r in runs)
     for run in runs:
@@ -192,9 +193,7 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
         assert children[run.name]["metrics"]["val/loss"] > 0
 
     # the fit reads the final losses back from MLflow; one size per objective is no profile
-    fit = _dlm("sweep", "fit", str(path), cwd=tmp_path, stdout=subprocess.PIPE)
-    report, _ = fit.communicate(timeout=120)
-    assert fit.returncode == 0, report
+    report = fit_and_report(sweep, runs, Path(sweep.runs_dir) / "fit")
     rows = list(csv.DictReader((Path(sweep.runs_dir) / "fit" / "scaling_fit.csv").open()))
     assert sorted(r["objective"] for r in rows) == ["ar", "mdlm"]
     assert "a parabola needs >= 3" in report, report
