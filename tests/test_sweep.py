@@ -38,6 +38,9 @@ def _sweep_file(tmp_path: Path, dataset: Path, **changes) -> Path:
         "budgets": [4e9, 1.2e10],
         "settings": {"data.path": str(dataset), "train.global_batch": 8, "train.micro_batch": 4},
         "checks": {"min_steps": 2},
+        # its own store: MLflow exports MLFLOW_TRACKING_URI once a test in this process has
+        # set a tracking URI, and the sweep would follow it
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"},
     }
     tree.update(changes)
     path = tmp_path / "sweep.yaml"
