@@ -18,8 +18,10 @@ import itertools
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass, field
+from multiprocessing.util import Finalize
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +219,16 @@ class TrainLoader:
         self._consumed = 0  # micro-batches taken by this rank since _plans was set
 
     def __iter__(self) -> Iterator[Batch]:
+        batches = self._batches()
+        if self.layout.num_workers:
+            # At interpreter exit multiprocessing SIGTERMs the workers of a loader still open,
+            # and they outlive that by STOP_GRACE_S: an iteration nobody closed (the trainer
+            # does) is closed first, which stops its workers at once. Priority 20: before the
+            # loader's queues stop their feeder threads (10), which the close still needs.
+            Finalize(batches, _close, args=(weakref.ref(batches),), exitpriority=20)
+        return batches
+
+    def _batches(self) -> Iterator[Batch]:
         self._plans, self._rotation = self._advanced()
         self._consumed = 0
         w = self.layout.workers_per_rank
@@ -329,6 +341,11 @@ def validation_batches(
             shard = int(np.searchsorted(shard_base, i, side="right")) - 1
             samples.append(cache.get(shard)[i - int(shard_base[shard])])
         yield _collate(samples, ids)
+
+
+def _close(batches: weakref.ref) -> None:
+    if (generator := batches()) is not None:
+        generator.close()
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from dlm_pretrain.data_pipeline import TrainLoader, open_dataset, validation_batches
 from dlm_pretrain.data_pipeline.order import drop_prefix, merge, split_even
+from dlm_pretrain.data_pipeline.reader import STOP_GRACE_S
 
 
 def _loader(dataset, *, dp_rank=0, dp_size=1, workers=0, micro=8, seed=0) -> TrainLoader:
@@ -176,3 +180,24 @@ def test_layout_that_cannot_be_served_is_refused(dataset):
     n = open_dataset(dataset).splits["train"].sequences
     with pytest.raises(DataError, match="fewer than the"):
         _loader(dataset, dp_size=n, workers=2)
+
+
+def test_an_iteration_left_open_does_not_hold_up_the_exit(dataset):
+    """Workers outlive SIGTERM by STOP_GRACE_S (for Slurm's requeue), and multiprocessing's
+    exit clean-up SIGTERMs the workers of a loader nobody closed: the reader closes it first,
+    so the process exits at once instead of STOP_GRACE_S later."""
+    script = (
+        "import sys, time\n"
+        "from dlm_pretrain.data_pipeline import TrainLoader, open_dataset\n"
+        f"root = {str(dataset)!r}\n"
+        "loader = TrainLoader(root, open_dataset(root), micro_batch_size=8, dp_rank=0,"
+        " dp_size=1, num_workers=2, seed=0)\n"
+        "batches = iter(loader)\n"
+        "next(batches)\n"
+        "print(time.monotonic(), flush=True)\n"
+    )
+    started = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    exit_s = time.monotonic() - float(started.stdout.split()[-1])
+    assert exit_s < STOP_GRACE_S / 3, f"the exit took {exit_s:.1f} s after the last batch"
