@@ -13,7 +13,8 @@ from distributed import torchrun_command
 from dlm_pretrain.checkpoints_tools.reshard import reshard
 from dlm_pretrain.common.errors import CheckpointError, ConfigError
 from dlm_pretrain.pretrain.checkpoint_files import layer_file, read_weights
-from dlm_pretrain.pretrain.config import load_config
+from dlm_pretrain.pretrain.config import SamplingConfig, load_config
+from dlm_pretrain.pretrain.run_sampling import sample_run
 from dlm_pretrain.pretrain.trainer import run
 from test_train import ONE_THREAD, _losses, _train
 
@@ -44,20 +45,23 @@ def test_reshard_t2xp2_to_t1p1_to_t2p1_continues_with_the_same_losses(dataset, t
     """A tensor 2 x pipeline 2 run to step 4, continued by 5 steps at tensor 1 x pipeline 1
     (`dlm train` converts on its own), then by 5 at tensor 2 x pipeline 1 (`reshard --out`
     writes the run directory), against the same segments in one process all along: the
-    losses of steps 5-14 agree to 1e-5 (every layout computes what one process does,
-    tests/test_parallel.py)."""
+    losses of steps 1-14 agree to 1e-5 (every layout computes what one process does,
+    tests/test_parallel.py), and one process samples from the T2xP2 checkpoint, its shards
+    merged, what it samples from its own."""
     first = ("default", f"data.path={dataset}", *SETTINGS, "train.steps=4")
     moved, t2, one = tmp_path / "moved", tmp_path / "t2", tmp_path / "one"
     _torchrun(4, *first, f"train.run_dir={moved}", "parallel.tensor=2", "parallel.pipeline=2")
+    run(load_config(first[0], [*first[1:], f"train.run_dir={one}"]))
+    sampling = SamplingConfig(steps=4, num_samples=2)
+    assert sample_run(moved, sampling).texts == sample_run(one, sampling).texts
+
     _continue(moved, 9, "parallel.tensor=1", "parallel.pipeline=1")
     reshard(moved, tensor=2, pipeline=1, out=t2)
     _torchrun(2, str(t2 / "config.yaml"), *_segment(t2, 14))
-
-    run(load_config(first[0], [*first[1:], f"train.run_dir={one}"]))
     _continue(one, 9)
     _continue(one, 14)
-    reference, continued = _after(one, 4), _after(moved, 4) | _after(t2, 9)
-    assert reference.keys() == continued.keys() == set(range(5, 15))
+    reference, continued = _losses(one), _losses(moved) | _after(t2, 9)
+    assert reference.keys() == continued.keys() == set(range(1, 15))
     assert all(abs(reference[s] - continued[s]) <= 1e-5 * abs(reference[s]) for s in reference)
 
 

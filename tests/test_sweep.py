@@ -160,11 +160,11 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
         tmp_path,
         dataset,
         sizes=["micro"],
-        budgets=[1e11],
+        budgets=[4.5e10],
         settings=settings,
         backend={"concurrent": 2},
         checks={"min_steps": 2, "max_epochs": 5},
-    )  # fmt: skip  (~700 steps: long enough for the stop to land mid-run)
+    )  # fmt: skip  (~300 steps at ~20 a second: long enough for the stop to land mid-run)
     sweep = load_sweep(path)
     runs = plan_sweep(sweep)
     launch = _dlm("sweep", "launch", str(path), cwd=tmp_path)
@@ -177,10 +177,11 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
     stopped = {r.name: max(_losses(r.run_dir)) for r in runs}
     assert all(step < r.steps for step, r in zip(stopped.values(), runs, strict=True)), stopped
 
-    assert _dlm("sweep", "launch", str(path), cwd=tmp_path).wait(timeout=300) == 0
+    # the rest in this process: the commands' own functions, without their start-up
+    assert launch_local(path, sweep, runs) == 0
     for run in runs:
         assert sorted(_losses(run.run_dir)) == list(range(1, run.steps + 1))
-    # the rest in this process: the commands' own functions, without their start-up
+    capsys.readouterr()
     assert launch_local(path, sweep, runs) == 0  # nothing left to do
     out = capsys.readouterr().out
     assert out.count("done (") == 2 and "started" not in out
@@ -190,7 +191,7 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
     for run in runs:
         tags = children[run.name]["tags"]
         assert tags["sweep"] == "t" and tags["objective"] == run.objective
-        assert (tags["size"], float(tags["budget"])) == ("micro", 1e11)
+        assert (tags["size"], float(tags["budget"])) == ("micro", run.budget)
         assert int(tags["parameters"]) == run.non_embedding
         assert (tags["convention"], int(tags["steps"])) == ("exact", run.steps)
         assert children[run.name]["metrics"]["val/loss"] > 0

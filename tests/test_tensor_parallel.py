@@ -29,8 +29,14 @@ def _full(name: str, shape: list[int]) -> torch.Tensor:
     return torch.randn(shape, generator=generator) * 0.1
 
 
-def _run(rank: int, world_size: int, causal: bool, out: Path) -> None:
+def _run(rank: int, world_size: int, out: Path) -> None:
+    """Both attention masks, in one process group: out/{causal}.pt on rank 0."""
     groups = init_process_groups(ParallelConfig(tensor=world_size), Runtime.detect())
+    for causal in (False, True):
+        _forward_backward(rank, world_size, groups, causal, out / f"{causal}.pt")
+
+
+def _forward_backward(rank: int, world_size: int, groups, causal: bool, out: Path) -> None:
     cfg = ModelConfig.preset("tiny", vocab_size=V, seq_len=L, init_seed=3)
     model = build_pipeline(cfg, groups, causal)
     split = {}
@@ -62,11 +68,19 @@ def _run(rank: int, world_size: int, causal: bool, out: Path) -> None:
         torch.save({"loss": total, "grads": grads}, out)
 
 
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tensor_parallel")
+    for world_size in (1, 2):
+        (out / f"tp{world_size}").mkdir()
+        run_distributed(_run, world_size, out / f"tp{world_size}")
+    return out
+
+
 @pytest.mark.parametrize("causal", [False, True])
-def test_tp2_equals_one_process(tmp_path, causal):
-    run_distributed(_run, 1, causal, tmp_path / "tp1.pt")
-    run_distributed(_run, 2, causal, tmp_path / "tp2.pt")
-    one, two = torch.load(tmp_path / "tp1.pt"), torch.load(tmp_path / "tp2.pt")
+def test_tp2_equals_one_process(outputs, causal):
+    one = torch.load(outputs / "tp1" / f"{causal}.pt")
+    two = torch.load(outputs / "tp2" / f"{causal}.pt")
     # the loss sums terms of both signs: compare against the size of its terms
     assert (one["loss"][0] - two["loss"][0]).abs() < 1e-5 * one["loss"][1]
     assert one["grads"].keys() == two["grads"].keys()
