@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,8 +135,21 @@ def train_tokenizer(lines: Iterator[str], vocab_size: int) -> Tokenizer:
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise DataError(
-            f"training a {vocab_size}-piece tokenizer failed ({e}); the corpus is probably too "
-            "small for that vocabulary: lower vocab_size or add text"
-        ) from e
+        raise DataError(_training_failure(vocab_size, str(e))) from e
     return Tokenizer(model.getvalue())
+
+
+def _training_failure(vocab_size: int, error: str) -> str:
+    """What to change: every distinct character needs a piece (character_coverage=1.0 keeps
+    code exact), so a corpus with more of them than vocab_size needs a larger vocabulary; any
+    other failure is a corpus too small for the vocabulary."""
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", error)
+    if needed:
+        return (
+            f"a {vocab_size}-piece tokenizer cannot hold this corpus: its distinct characters "
+            f"and the special pieces need {needed[1]}; raise vocab_size to at least {needed[1]}"
+        )
+    return (
+        f"training a {vocab_size}-piece tokenizer failed ({error}); the corpus is probably too "
+        "small for that vocabulary: lower vocab_size or add text"
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -108,6 +110,19 @@ def test_bad_jsonl_lines_are_skipped_and_counted_or_fatal_with_strict(tmp_path):
     assert corpus["documents"] == len(docs) + 1
     with pytest.raises(DataError, match=r"c\.jsonl byte \d+: not valid JSON.*drop strict"):
         prepare_dataset(_cfg(tmp_path / "strict", [path], strict=True))
+
+
+def test_more_distinct_characters_than_the_vocabulary_asks_to_raise_it(tmp_path):
+    """Every character needs a piece (code must round-trip exactly): a corpus of 600 CJK
+    characters cannot be held by 400 pieces, and the error names the size that can."""
+    rng = random.Random(3)
+    characters = [chr(0x4E00 + i) for i in range(600)]
+    docs = ["".join(rng.choice(characters) for _ in range(200)) for _ in range(200)]
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    with pytest.raises(DataError, match=r"need (\d+); raise vocab_size to at least \1") as error:
+        prepare_dataset(_cfg(tmp_path / "out", [path]))
+    assert int(re.search(r"at least (\d+)", str(error.value))[1]) > 600
+    assert not any((tmp_path / "out").rglob("*")), "the failure wrote files"
 
 
 def test_corpus_smaller_than_one_sequence(tmp_path):
