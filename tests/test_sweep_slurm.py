@@ -77,25 +77,23 @@ def test_a_requeued_slurm_job_resumes_and_matches_an_uninterrupted_run(
     log = next(mdlm.run_dir.glob("slurm-*.out")).read_text()
     assert "DUE TO JOB REQUEUE" in log and "resumed from step" in log
 
-    started = [
-        (run, _start_in_one_go(run, tmp_path / f"reference-{run.name}")) for run in (ar, mdlm)
-    ]
-    for run, (reference, one_go) in started:
+    references = [(run, tmp_path / f"reference-{run.name}") for run in (ar, mdlm)]
+    started = [_start_in_one_go(run, reference) for run, reference in references]
+    for (run, reference), one_go in zip(references, started, strict=True):
         assert one_go.wait(timeout=300) == 0, reference.with_suffix(".log").read_text()[-3000:]
         assert _losses(run.run_dir) == _losses(reference)
         assert sorted(_losses(reference)) == list(range(1, run.steps + 1))
 
 
-def _start_in_one_go(run, reference: Path) -> tuple[Path, subprocess.Popen]:
+def _start_in_one_go(run, reference: Path) -> subprocess.Popen:
     """The run's own settings in a directory of its own, one process, outside Slurm (both
     references side by side, as the jobs ran)."""
     settings = [s for s in run.settings if not s.startswith("train.run_dir=")]
     command = [sys.executable, "-m", "dlm_pretrain.launch.train", *settings]
     with open(reference.with_suffix(".log"), "w") as log:
-        one_go = subprocess.Popen(
+        return subprocess.Popen(
             [*command, f"train.run_dir={reference}"],
             env={**os.environ, "OMP_NUM_THREADS": "1"},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    return reference, one_go
