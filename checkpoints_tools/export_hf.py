@@ -42,18 +42,20 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 HF_CODE = Path(__file__).parent / "hf"
-CODE_FILES = ("configuration_dlm.py", "modeling_dlm.py")
+CODE_FILES = ("configuration_dlm.py", "modeling_dlm.py", "sampling_dlm.py")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_SHARD_BYTES = 5 * 10**9
 RUN_CONFIG_KEY = "dlm_run_config"  # config.json's copy of the run's configuration
 # The training data's manifest, kept so the model card (and a re-export after `dlm import-hf`)
 # can say what the model saw.
 DATASET_MANIFEST = "dataset_manifest.json"
-# objective -> (model class, the Auto class that loads it, conditioned on sigma_t)
+# objective -> (model class, the Auto class that loads it, conditioned on time: Duo on sigma_t,
+# GIDD on t)
 ARCHITECTURES = {
     "ar": ("DLMForCausalLM", "AutoModelForCausalLM", False),
     "mdlm": ("DLMForMaskedLM", "AutoModelForMaskedLM", False),
     "duo": ("DLMForMaskedLM", "AutoModelForMaskedLM", True),
+    "gidd": ("DLMForMaskedLM", "AutoModelForMaskedLM", True),
 }
 
 
@@ -146,6 +148,8 @@ class _Export:
             "attention": "causal" if OBJECTIVES[name].causal else "bidirectional",
             "time_conditioning": time_conditioning,
             "schedule_eps": EPS,
+            "p_uniform": self.cfg.objective.p_uniform,
+            "gamma": self.cfg.objective.gamma,
             "sampling_steps": sampling.steps,
             "sampling_top_p": sampling.top_p,
             "sampling_seed": sampling.seed,
@@ -199,7 +203,7 @@ class _Export:
             "config.json, which names the model's code.",
             "",
             "`model(input_ids, timesteps=t)` returns the logits [B, L, V]; `t` is the diffusion "
-            "time in [0, 1] (only Duo is conditioned on it).",
+            "time in [0, 1] (Duo and GIDD are conditioned on it).",
             "",
         ]
         return "\n".join(lines)
@@ -209,6 +213,7 @@ _OBJECTIVE_NAMES = {
     "ar": "autoregressive",
     "mdlm": "masked diffusion (MDLM)",
     "duo": "uniform-state diffusion (Duo)",
+    "gidd": "masked-uniform interpolating diffusion (GIDD)",
 }
 
 

@@ -1,6 +1,6 @@
 """The smoke check's kernel comparisons: every Triton kernel against its chunked PyTorch twin
 (docs/conventions.md §11) on the same inputs, the cross-entropy and Duo losses forward and backward
-in float32 and bf16 logits and the MDLM and Duo noising, with the largest relative error and
+in float32 and bf16 logits and the MDLM, Duo and GIDD noising, with the largest relative error and
 the time of each backend. Kept apart from launch.smoke, which runs them among its other
 checks, because building the inputs and tolerances is its own concern.
 """
@@ -17,7 +17,7 @@ from dlm_pretrain.launch.smoke_check import FAIL, PASS, SKIP, Check, attempt, ti
 from dlm_pretrain.parallel.groups import Runtime
 from dlm_pretrain.pretrain.kernels import KERNELS_ENV
 from dlm_pretrain.pretrain.kernels.losses import all_rows, cross_entropy, duo_statistics
-from dlm_pretrain.pretrain.objectives.corruption import corrupt
+from dlm_pretrain.pretrain.objectives import GIDD, MDLM, Duo, Objective
 from dlm_pretrain.pretrain.objectives.schedule import alpha
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
@@ -69,7 +69,7 @@ def _compare(name: str, fn: Callable, tolerances: dict[str, float], device, repe
 
 def check_kernels(runtime: Runtime) -> list[Check]:
     """Every Triton kernel against its twin: the cross-entropy and Duo losses forward and
-    backward in float32 and bf16 logits, and the noising of MDLM and Duo. A broken kernel is
+    backward in float32 and bf16 logits, and the noising of MDLM, Duo and GIDD. A broken kernel is
     off by O(1); the tolerances leave room for float32 in another summation order: values
     1e-5 (the tests' bound against float64); float32 gradients 1e-3, as Duo's near t = 1e-3 is
     a difference of terms near r p >> 1 (each backend is within 1e-4 of float64 at V = 32001);
@@ -88,11 +88,11 @@ def check_kernels(runtime: Runtime) -> list[Check]:
             fn = _loss_and_grad(name, logits, vocab, g)
             tolerances = {"loss err": 1e-5, "grad err": grad_tolerance}
             checks.append(attempt(label, partial(_compare, label, fn, tolerances, device, repeats)))
-    for name, uniform_ids in (("mdlm", False), ("duo", True)):
+    for name, objective in (("mdlm", MDLM()), ("duo", Duo()), ("gidd", GIDD(p_uniform=0.3))):
         x0 = _real_ids(vocab, noise_shape, g)
         t = torch.rand(len(x0), generator=g, device=device) * 0.998 + 1e-3
         ids = torch.randint(2**40, (len(x0),), generator=g, device=device)
-        fn = partial(_noise, x0, t, ids, vocab, uniform_ids)
+        fn = partial(_noise, objective, x0, t, ids, vocab)
         label = f"kernel noise {name}"
         checks.append(attempt(label, partial(_compare, label, fn, {"xt": 0}, device, repeats)))
     return checks
@@ -126,6 +126,6 @@ def _loss_and_grad(name: str, logits: Tensor, vocab: Vocab, g: torch.Generator) 
     return call
 
 
-def _noise(x0: Tensor, t: Tensor, ids: Tensor, vocab: Vocab, uniform_ids: bool) -> tuple[Tensor]:
-    """xt of MDLM (mask) or Duo (uniform ids). x0 [B, L]; t, ids [B] -> ([B, L],)"""
-    return (corrupt(x0, t, ids, 0, vocab, uniform_ids),)
+def _noise(objective: Objective, x0: Tensor, t: Tensor, ids: Tensor, vocab: Vocab) -> tuple[Tensor]:
+    """xt of MDLM (mask), Duo (uniform ids) or GIDD (both). x0 [B, L]; t, ids [B] -> ([B, L],)"""
+    return (objective.noise(x0, t, ids, vocab),)

@@ -16,6 +16,7 @@ from dlm_pretrain.data_pipeline.config import DataConfig
 from dlm_pretrain.parallel.config import SIZES, ParallelConfig
 from dlm_pretrain.pretrain.flops import CONVENTIONS
 from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives.gidd import LOSS_WEIGHTINGS
 from dlm_pretrain.pretrain.objectives.mdlm import LOSS_TYPES
 from pydantic import Field, model_validator
 
@@ -36,6 +37,13 @@ class ObjectiveConfig(Section):
     name: Literal[tuple(OBJECTIVES)] = Field(default="mdlm", description="training objective")
     loss_type: Literal[LOSS_TYPES] = Field(
         default="cross_entropy", description="MDLM training loss"
+    )
+    p_uniform: float = Field(
+        default=0.1, ge=0, lt=1, description="GIDD: uniform noise share at t = 1/2"
+    )
+    gamma: float = Field(default=1.0, gt=0, le=2, description="GIDD: mixing schedule exponent")
+    loss_weighting: Literal[LOSS_WEIGHTINGS] = Field(
+        default="dynamic", description="GIDD training weights (validation: the ELBO)"
     )
     seed: int = Field(default=0, ge=0, description="seed of t and of the corruption")
 

@@ -76,7 +76,7 @@ def _noised_micro_batches(
         step, micro = first_step + k // accum, k % accum
         batch = batch.to(device)
         rows = torch.arange(first_row + micro * b, first_row + (micro + 1) * b, device=device)
-        t = sample_t(objective.seed, step, rows, g)
+        t = sample_t(objective.seed, step, rows, g, objective.t_max)
         xt = objective.noise(batch.tokens, t, batch.sample_ids, vocab)
         yield (xt, objective.time_input(t)), (batch.tokens, xt, t)
 
@@ -110,7 +110,7 @@ def validate(
         step = int(batch.sample_ids[0]) // g  # read on the host, before the copy
         batch = batch.to(device)
         ids = batch.sample_ids
-        t = sample_t(objective.seed, step, ids % g, g)
+        t = sample_t(objective.seed, step, ids % g, g, objective.t_max)
         xt = objective.noise(batch.tokens, t, ids, vocab)
         logits = forward_through_stages(module, (xt, objective.time_input(t)), model_cfg, groups)
         if logits is not None:  # the last stage

@@ -85,6 +85,65 @@ def duo_expanded(logits, x0, xt, t, vocab: Vocab) -> Tensor:
     return coeff * (term1 - (theta + offset))
 
 
+def gidd_mixing(t: Tensor, vocab: Vocab, p_u: float, gamma: float) -> tuple[Tensor, Tensor]:
+    """docs/algorithms.md §3.4 over the real ids: alpha_t [B, 1] and β_t π_t [B, V]."""
+    log_b = max(gamma * math.log(2) + math.log(max(p_u, math.exp(-20)) / (1 - p_u)), -20)
+    t = t.double()[:, None]
+    c = math.exp(log_b) * t ** (gamma / 2) * (1 - t) ** (gamma / 2)
+    at_mask = torch.nn.functional.one_hot(torch.tensor(vocab.mask_id), vocab.size).double()
+    beta_pi = (t * at_mask + c * vocab.real.double() / vocab.num_real) / (1 + c)
+    return (1 - t) / (1 + c), beta_pi
+
+
+def gidd(p_u: float, gamma: float, weighting: str):
+    """docs/algorithms.md §4.5 from its definition: w (KL(q_t(.|x) ‖ q_t(.|x̂)) + ρ - log ρ - 1)
+    on dense [B, L, V] distributions. The ELBO weight is the general one of GIDD,
+    w = e_z·((βπ)' - (alpha'/alpha) βπ) / q_t(z|x), its derivatives taken by forward-mode
+    autodiff in t, not the closed forms."""
+
+    def loss(logits, x0, xt, t, vocab: Vocab) -> Tensor:
+        alpha_t, beta_pi = gidd_mixing(t, vocab, p_u, gamma)
+        ones = torch.ones_like(t, dtype=torch.float64)
+        mixing = lambda s: gidd_mixing(s, vocab, p_u, gamma)  # noqa: E731
+        _, (d_alpha, d_beta_pi) = torch.func.jvp(mixing, (t.double(),), (ones,))
+        a, bp = alpha_t[..., None], beta_pi[:, None]  # [B, 1, 1], [B, 1, V]
+        q = a * torch.nn.functional.one_hot(x0, vocab.size).double() + bp
+        p = a * log_probs(logits, vocab).exp() + bp
+        support = q > 0  # the real ids and the mask; elsewhere both are 0
+        q_in, p_in = torch.where(support, q, 1.0), torch.where(support, p, 1.0)
+        kl = (q * (q_in.log() - p_in.log())).sum(-1)
+        rho = q.gather(-1, xt[..., None]).squeeze(-1) / p.gather(-1, xt[..., None]).squeeze(-1)
+        rate = d_beta_pi - d_alpha / alpha_t * beta_pi  # [B, V]
+        elbo = rate.gather(-1, xt) / q.gather(-1, xt[..., None]).squeeze(-1)
+        masked, clean = xt == vocab.mask_id, xt == x0
+        if weighting == "dynamic":
+            b = math.exp(max(gamma * math.log(2) + math.log(p_u / (1 - p_u)), -20))
+            x_scale = b / (vocab.num_real + 1) * torch.exp(gamma / 2 * torch.sigmoid(-t.double()))
+            noise = torch.where(masked, 2.0, 1.0).double()
+            weight = torch.where(clean, x_scale[:, None], noise).clamp(0, 2)
+        else:
+            weight = elbo.clamp(0, 2) if weighting == "clip" else elbo
+        return weight * (kl + rho - rho.log() - 1)
+
+    return loss
+
+
 # Per test case (test_objectives.CASES): the training loss and the validation bound.
-TRAINING = {"ar": ar, "mdlm-elbo": mdlm_elbo, "mdlm-ce": mdlm_cross_entropy, "duo": duo_compact}
-VALIDATION = {"ar": ar, "mdlm-elbo": mdlm_elbo, "mdlm-ce": mdlm_elbo, "duo": duo_compact}
+TRAINING = {
+    "ar": ar,
+    "mdlm-elbo": mdlm_elbo,
+    "mdlm-ce": mdlm_cross_entropy,
+    "duo": duo_compact,
+    "gidd-dynamic": gidd(0.1, 1.0, "dynamic"),
+    "gidd-clip": gidd(0.1, 1.0, "clip"),
+    "gidd-elbo": gidd(0.2, 1.5, "elbo"),
+}
+VALIDATION = {
+    "ar": ar,
+    "mdlm-elbo": mdlm_elbo,
+    "mdlm-ce": mdlm_elbo,
+    "duo": duo_compact,
+    "gidd-dynamic": gidd(0.1, 1.0, "elbo"),
+    "gidd-clip": gidd(0.1, 1.0, "elbo"),
+    "gidd-elbo": gidd(0.2, 1.5, "elbo"),
+}

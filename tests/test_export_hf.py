@@ -164,7 +164,7 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
     """Two steps of each objective in this process, then fresh random weights."""
     root = tmp_path_factory.mktemp("export_runs")
     runs = {}
-    for objective in ("ar", "mdlm", "duo"):
+    for objective in ("ar", "mdlm", "duo", "gidd"):
         run_dir = _train(
             dataset, root / objective, "train.steps=2", "train.val_every=100",
             f"objective.name={objective}", "data.num_workers=1",
@@ -182,12 +182,12 @@ def exported(runs, tmp_path_factory) -> dict[str, dict]:
     return _export_and_compare(exports, tmp_path_factory.mktemp("exports"))
 
 
-@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo"])
+@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd"])
 def test_exported_logits_equal_ours(exported, objective):
     _assert_same_logits(exported[objective])
 
 
-@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo"])
+@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd"])
 def test_exported_sampler_gives_our_tokens(exported, objective):
     """Same seed, same draws: the exported sampler repeats pretrain/sampling.py token for
     token; the tokenizer decodes them (the model card's three lines)."""
@@ -318,8 +318,8 @@ def test_an_objective_without_an_export_is_refused(runs, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(runs["mdlm"], run_dir)
     config = run_dir / "config.yaml"
-    config.write_text(config.read_text().replace("name: mdlm", "name: gidd"))
-    with pytest.raises(ConfigError, match="gidd"):
+    config.write_text(config.read_text().replace("name: mdlm", "name: sedd"))
+    with pytest.raises(ConfigError, match="sedd"):
         module.export_hf(run_dir, tmp_path / "exports" / "b")
     _assert_nothing_written(tmp_path / "exports")
 

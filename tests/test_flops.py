@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
-@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo"])
+@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd"])
 def test_analytic_forward_flops_match_the_flop_counter(objective):
     """Within 2%: the counter sees matmuls only (not the loss's elementwise work), and the math
     attention kernel it can count computes the full score matrix even when causal, so the

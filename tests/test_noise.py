@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from dlm_pretrain.pretrain.kernels import KERNELS_ENV
-from dlm_pretrain.pretrain.objectives import MDLM, Duo
+from dlm_pretrain.pretrain.objectives import GIDD, MDLM, Duo
 from dlm_pretrain.pretrain.objectives.randomness import philox4x32, philox_key, row_keys
 from dlm_pretrain.pretrain.objectives.schedule import EPS, alpha, sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
 VOCAB = Vocab.build(300, mask_id=4, never_in_data=(3, 299, 298))
 G, L, SEED, STEP = 16, 64, 1234, 77
-NOISED = {"mdlm": MDLM(seed=SEED), "duo": Duo(seed=SEED)}
+NOISED = {"mdlm": MDLM(seed=SEED), "duo": Duo(seed=SEED), "gidd": GIDD(seed=SEED, p_uniform=0.3)}
 
 
 def _global_batch():
@@ -30,12 +30,12 @@ def _noised(name: str, dp_size: int, micro: int) -> torch.Tensor:
     for rank in range(dp_size):
         for m in range(per_rank // micro):
             rows = torch.arange(rank * per_rank + m * micro, rank * per_rank + (m + 1) * micro)
-            t = sample_t(SEED, STEP, rows, G)
+            t = sample_t(SEED, STEP, rows, G, NOISED[name].t_max)
             pieces.append(NOISED[name].noise(x0[rows], t, sample_ids[rows], VOCAB))
     return torch.cat(pieces)
 
 
-@pytest.mark.parametrize("name", ["mdlm", "duo"])
+@pytest.mark.parametrize("name", list(NOISED))
 def test_xt_is_bit_identical_for_any_split(name):
     reference = _noised(name, 1, G)
     assert not torch.equal(reference, _global_batch()[0]), "nothing was noised"
@@ -73,6 +73,11 @@ def test_corruption_rates_match_alpha(t_value):
     assert not torch.isin(xt, torch.tensor(sorted(VOCAB.excluded))).any()
     counts = torch.bincount(xt[xt != x0], minlength=VOCAB.size)[VOCAB.real]
     assert counts.min() > 0, "uniform noise misses real ids"
+    mix = NOISED["gidd"].mixing(t[:1], k)  # GIDD: the mask with m_t, a real id with K b_t
+    xt = NOISED["gidd"].noise(x0, t, ids, VOCAB)
+    masked, replaced = xt == VOCAB.mask_id, (xt != x0) & (xt != VOCAB.mask_id)
+    for share, p in ((masked, mix.mask.item()), (replaced, k * mix.uniform.item() * (1 - 1 / k))):
+        assert abs(share.float().mean().item() - p) < 5 * (p * (1 - p) / x0.numel()) ** 0.5
 
 
 def test_philox_known_answer():
@@ -92,7 +97,7 @@ def test_row_keys_on_tensors_equal_the_integer_definition():
         assert got == expected
 
 
-@pytest.mark.parametrize("name", ["mdlm", "duo"])
+@pytest.mark.parametrize("name", list(NOISED))
 def test_noising_kernel_equals_its_twin_bit_for_bit(name, monkeypatch):
     """The Triton kernel (interpreted on CPU) draws the same words and writes the same xt,
     over a length that spans two programs and ends mid-block; so its rates are the twin's."""

@@ -19,7 +19,7 @@ import pytest
 import reference_losses as ref
 import torch
 from dlm_pretrain.common.errors import ConfigError
-from dlm_pretrain.pretrain.objectives import AR, MDLM, OBJECTIVES, Duo, build_objective
+from dlm_pretrain.pretrain.objectives import AR, GIDD, MDLM, OBJECTIVES, Duo, build_objective
 from dlm_pretrain.pretrain.objectives.schedule import EPS
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
@@ -32,19 +32,27 @@ CASES = {
     "mdlm-elbo": MDLM(seed=5, loss_type="elbo"),
     "mdlm-ce": MDLM(seed=5, loss_type="cross_entropy"),
     "duo": Duo(seed=5),
+    "gidd-dynamic": GIDD(seed=5, p_uniform=0.1),
+    "gidd-clip": GIDD(seed=5, p_uniform=0.1, loss_weighting="clip"),
+    "gidd-elbo": GIDD(seed=5, p_uniform=0.2, gamma=1.5, loss_weighting="elbo"),
 }
-GRAD_TOLERANCE = {"duo": 1e-4}  # else 1e-5; see the module docstring
+# else 1e-5; see the module docstring (GIDD's gradient is Duo's statistics')
+GRAD_TOLERANCE = {"duo": 1e-4} | {case: 1e-4 for case in CASES if case.startswith("gidd")}
 
 
 def noised_inputs(case: str, seed: int, vocab: Vocab, shape=(B, L), dtype=torch.float32):
     """Fresh logits [B, L, V] (scale 3: peaked and flat rows), x0, xt (half of the tokens
-    corrupted as the objective would: masked, or a uniform real id), t with both ends."""
+    corrupted as the objective would: masked, or a uniform real id; GIDD: a third each
+    masked, uniform and clean), t with both ends."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(*shape, vocab.size, generator=g) * 3).to(dtype)
     x0 = vocab.real_ids[torch.randint(vocab.num_real, shape, generator=g)]
     others = vocab.real_ids[torch.randint(vocab.num_real, shape, generator=g)]
     replacement = torch.full_like(x0, vocab.mask_id) if case.startswith("mdlm") else others
-    xt = torch.where(torch.rand(shape, generator=g) < 0.5, replacement, x0)
+    u = torch.rand(shape, generator=g)
+    xt = torch.where(u < 0.5, replacement, x0)
+    if case.startswith("gidd"):
+        xt = torch.where(u < 1 / 3, vocab.mask_id, torch.where(u < 2 / 3, others, x0))
     if case == "ar":
         xt = x0
     t = torch.cat([torch.tensor([1.2e-3, 0.9995]), torch.rand(shape[0] - 2, generator=g)])
@@ -154,3 +162,76 @@ def test_objectives_are_built_from_the_config_section():
     assert build_objective(Section()) == Duo(seed=9)  # loss_type is MDLM's alone
     with pytest.raises(ConfigError, match=r"objective\.loss_type='low_var'"):
         MDLM(loss_type="low_var")
+
+
+def test_gidd_approaches_the_masked_elbo_as_the_uniform_share_vanishes():
+    """p_u -> 0 (floored at e^-20) leaves a masked process: a masked token's loss is MDLM's
+    ELBO (1/t) CE up to b_t / (alpha_t x̂_x) (1e-5 here, where t = 0.9995 meets an x̂_x of
+    1e-5), and a clean token's loss falls with B (~1000x from p_u 1e-5 to 1e-8). r = alpha_t /
+    b_t reaches 1e13 there, and the loss still holds the float64 reference to 1e-6."""
+    logits, x0, xt, t, _ = noised_inputs("gidd-elbo", 8, VOCAB)
+    masked = xt == VOCAB.mask_id
+    gidd = GIDD(p_uniform=0.0, loss_weighting="elbo").per_token_loss(logits, x0, xt, t, VOCAB)
+    mdlm = MDLM(loss_type="elbo").per_token_loss(logits, x0, xt, t, VOCAB)
+    assert relative_error(gidd[masked][:, None], mdlm[masked][:, None]) < 1e-4
+    expected = ref.gidd(0.0, 1.0, "elbo")(logits, x0, xt, t, VOCAB)
+    assert relative_error(gidd.unsqueeze(-1), expected.unsqueeze(-1)) < 1e-6
+    clean = (xt == x0) & (t[:, None] < 0.9)  # near t = 1, r x̂_x >> 1 needs a smaller p_u
+    small, smaller = (
+        GIDD(p_uniform=p, loss_weighting="elbo").per_token_loss(logits, x0, xt, t, VOCAB)[clean]
+        for p in (1e-5, 1e-8)
+    )
+    assert clean.any() and (smaller < small / 500).all()
+    assert smaller.max() < 1e-4 * mdlm[masked].mean()
+
+
+def test_gidd_mixing_is_a_distribution_with_the_chosen_uniform_share():
+    t = torch.tensor([1e-3, 0.25, 0.5, 0.75, 0.999], dtype=torch.float64)
+    for p_u, gamma in [(0.1, 1.0), (0.3, 1.0), (0.2, 2.0), (0.05, 0.5)]:
+        mix = GIDD(p_uniform=p_u, gamma=gamma).mixing(t, VOCAB.num_real)
+        total = mix.alpha + mix.mask + VOCAB.num_real * mix.uniform
+        assert torch.allclose(total, torch.ones_like(t), atol=1e-15, rtol=0)
+        a, bp = ref.gidd_mixing(t, VOCAB, p_u, gamma)  # written from the docs, not the code
+        assert torch.allclose(mix.alpha, a[:, 0]) and torch.allclose(mix.mask, bp[:, 4])
+        h = 1e-6
+        above, below = (GIDD(p_uniform=p_u, gamma=gamma).mixing(t + d, 1) for d in (h, -h))
+        assert torch.allclose(mix.c_prime, (above.c - below.c) / (2 * h), rtol=1e-6)
+        if gamma == 1.0:
+            half = GIDD(p_uniform=p_u).mixing(torch.tensor(0.5), VOCAB.num_real)
+            assert abs(VOCAB.num_real * half.uniform.item() - p_u) < 1e-12
+    assert GIDD().mixing(torch.tensor(1 - 1e-9), VOCAB.num_real).alpha < 1e-8
+
+
+def test_gidd_loss_is_zero_for_a_perfect_clean_prediction():
+    _, x0, _, t, _ = noised_inputs("gidd-elbo", 7, VOCAB)
+    perfect = torch.full((B, L, V), -30.0).scatter(-1, x0[..., None], 30.0)
+    for weighting in ("elbo", "dynamic"):
+        loss = GIDD(loss_weighting=weighting).per_token_loss(perfect, x0, x0, t, VOCAB)
+        assert loss.abs().max() < 1e-6
+
+
+def test_gidd_reverse_step_is_the_posterior_of_its_forward_process():
+    """With x̂ = one-hot(x) the step's normaliser sum_v q(z|v) q_s(v|x) is q_t(z|x) for every
+    z (the transition from s to t carries q_s to q_t, checked against the reference mixing);
+    the last step (s = 0) never yields the mask."""
+    gidd = GIDD(p_uniform=0.2, gamma=1.5)
+    x = VOCAB.real_ids[torch.randperm(VOCAB.num_real, generator=torch.Generator())[:8]]
+    z = torch.cat([x[:3], torch.full((3,), VOCAB.mask_id), x.flip(0)[:2]])[None]
+    x_hat = torch.nn.functional.one_hot(x, V).double()[None]
+    for t, s in [(0.9, 0.6), (0.5, 0.45), (0.3, 0.0)]:
+        p = gidd._reverse_step(z, x_hat, torch.tensor(t).double(), torch.tensor(s).double(), VOCAB)
+        assert (p >= 0).all()
+        a, bp = ref.gidd_mixing(torch.tensor([t]), VOCAB, 0.2, 1.5)
+        q_t = a * torch.nn.functional.one_hot(x, V).double() + bp  # [8, V] rows q_t(.|x)
+        assert torch.allclose(p.sum(-1)[0], q_t.gather(-1, z[0][:, None])[:, 0], rtol=1e-12)
+        if s == 0.0:
+            assert (p[..., VOCAB.mask_id] == 0).all()
+
+
+def test_gidd_refuses_options_outside_their_range():
+    with pytest.raises(ConfigError, match=r"objective\.gamma=2\.5"):
+        GIDD(gamma=2.5)
+    with pytest.raises(ConfigError, match=r"objective\.loss_weighting='none'"):
+        GIDD(loss_weighting="none")
+    with pytest.raises(ConfigError, match=r"objective\.p_uniform=1"):
+        GIDD(p_uniform=1)

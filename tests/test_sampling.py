@@ -11,7 +11,7 @@ from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain.config import SamplingConfig
-from dlm_pretrain.pretrain.objectives import AR, MDLM, Duo
+from dlm_pretrain.pretrain.objectives import AR, GIDD, MDLM, Duo
 from dlm_pretrain.pretrain.objectives.draws import categorical, nucleus
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -53,8 +53,9 @@ def _pattern_score(tokens: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(
     "objective",
-    [AR(seed=7), MDLM(seed=7, loss_type="cross_entropy"), Duo(seed=7)],  # the paper's MDLM loss
-    ids=["ar", "mdlm", "duo"],
+    # the paper's MDLM loss; GIDD's default training weights
+    [AR(seed=7), MDLM(seed=7, loss_type="cross_entropy"), Duo(seed=7), GIDD(seed=7)],
+    ids=["ar", "mdlm", "duo", "gidd"],
 )
 def test_trained_model_samples_reproduce_the_pattern(objective):
     groups = init_process_groups(ParallelConfig(), Runtime.detect())
@@ -65,7 +66,7 @@ def test_trained_model_samples_reproduce_the_pattern(objective):
     batch = 32
     for step in range(300):
         x0 = _batch(g, batch)
-        t = sample_t(7, step, torch.arange(batch), batch)
+        t = sample_t(7, step, torch.arange(batch), batch, objective.t_max)
         xt = objective.noise(x0, t, torch.arange(batch) + step * batch, VOCAB)
         logits = model((xt, objective.time_input(t)))
         loss = objective.per_token_loss(logits, x0, xt, t, VOCAB).mean()

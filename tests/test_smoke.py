@@ -22,6 +22,7 @@ CHECKS = [
     "kernel duo bfloat16",
     "kernel noise mdlm",
     "kernel noise duo",
+    "kernel noise gidd",
     "training",
     "sample",
     "checkpoint reload",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-OBJECTIVES = ("ar", "mdlm", "duo")
+OBJECTIVES = ("ar", "mdlm", "duo", "gidd")
 
 
 class DLMConfig(PretrainedConfig):
@@ -35,12 +35,15 @@ class DLMConfig(PretrainedConfig):
     eos_token_id: int | None = None  # precedes every document; the AR sampler starts from it
     pad_token_id: int | None = None
     excluded_token_ids: list[int] | None = None
-    # objective: "causal" attention for ar, "bidirectional" for mdlm and duo; Duo conditions on
-    # sigma_t = -log(alpha_t) with alpha_t = 1 - (1 - schedule_eps) t, the others on 0
+    # objective: "causal" attention for ar, "bidirectional" for the others; Duo conditions on
+    # sigma_t = -log(alpha_t) with alpha_t = 1 - (1 - schedule_eps) t, GIDD on t, the others
+    # on 0; GIDD's mixing schedule has the uniform share p_uniform and the exponent gamma
     objective: str = "mdlm"
     attention: str = "bidirectional"
     time_conditioning: bool = False
     schedule_eps: float = 1e-3
+    p_uniform: float = 0.0
+    gamma: float = 1.0
     # sampler defaults: the reverse process runs from t = 1 to sampling_t_min
     sampling_steps: int = 128
     sampling_top_p: float = 1.0

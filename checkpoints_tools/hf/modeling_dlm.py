@@ -1,22 +1,22 @@
-"""A diffusion (MDLM, Duo) or autoregressive language model trained with dlm-pretrain, loaded
+"""A diffusion (MDLM, Duo, GIDD) or autoregressive language model trained with dlm-pretrain, loaded
 with `AutoModelForMaskedLM` / `AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`, and its samplers.
 
-Standalone: this file imports only torch and transformers (and its configuration), so an
-exported folder needs neither dlm-pretrain, DeepSpeed nor megatron. It is the training
+Standalone: this file imports only torch, transformers and its two neighbours (the
+configuration and the samplers), so an exported folder needs neither dlm-pretrain, DeepSpeed
+nor megatron. It is the training
 backbone (dlm-pretrain docs/algorithms.md §5) written for one process, with the reference's
 parameter names and qkv rows in the reference's [3, H, d_head] order:
 
-    cond = SiLU(MLP(cos, sin features of s))                      s: sigma_t (Duo) or 0
+    cond = SiLU(MLP(cos, sin features of s))             s: sigma_t (Duo), t (GIDD) or 0
     per block (adaLN-Zero): x += gate1 * Attn(RoPE, LN1(x) (1 + scale1) + shift1)
                             x += gate2 * MLP_gelu_tanh(LN2(x) (1 + scale2) + shift2)
     logits = Linear(LN(x) (1 + scale) + shift)
 
 LayerNorms and the residual stream run in float32, the matmuls in the weights' dtype.
 
-The samplers (docs/algorithms.md §9) repeat dlm-pretrain's draw for draw: float64 uniforms from
-a seeded host generator, inverting the CDF, nucleus filtering of x̂ in float64, so the same
-seed gives the same tokens as `dlm sample` (a test in dlm-pretrain holds them equal).
+The samplers (sampling_dlm.py) repeat dlm-pretrain's draw for draw, so the same seed gives
+the same tokens as `dlm sample` (a test in dlm-pretrain holds them equal).
 Shapes: B batch, L length, d hidden size, H heads, V vocabulary (mask included).
 """
 
@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 
 from .configuration_dlm import DLMConfig
+from .sampling_dlm import SAMPLERS, categorical, nucleus
 
 
 class LayerNorm(nn.Module):
@@ -203,14 +204,13 @@ class DLMPreTrainedModel(PreTrainedModel):
         return self.backbone(input_ids, self._time_input(t))
 
     def _time_input(self, t: Tensor) -> Tensor:
-        """The scalar the conditioning sees: sigma_t for Duo, 0 otherwise. t [B] f32"""
+        """The scalar the conditioning sees: sigma_t for Duo, t for GIDD, 0 otherwise.
+        t [B] f32"""
         if not self.config.time_conditioning:
             return torch.zeros_like(t)
+        if self.config.objective == "gidd":
+            return t
         return -torch.log(1 - (1 - self.config.schedule_eps) * t)
-
-    def _alpha(self, t: float) -> float:
-        """alpha_t = 1 - (1 - eps) t, the log-linear schedule."""
-        return 1 - (1 - self.config.schedule_eps) * t
 
     def _real(self) -> Tensor:
         """[V] bool: the ids that may be predicted and sampled (all but the excluded)."""
@@ -221,7 +221,7 @@ class DLMPreTrainedModel(PreTrainedModel):
     def _denoiser(self, logits: Tensor, top_p: float) -> Tensor:
         """x̂: softmax over the real ids in float64, nucleus-filtered. [N, l, V] -> f64"""
         logits = logits.double().masked_fill(~self._real(), float("-inf"))
-        return _nucleus(torch.softmax(logits, dim=-1), top_p)
+        return nucleus(torch.softmax(logits, dim=-1), top_p)
 
     def _defaults(self, steps, top_p, seed, seq_len) -> tuple[int, float, int, int]:
         c = self.config
@@ -234,7 +234,7 @@ class DLMPreTrainedModel(PreTrainedModel):
 
 
 class DLMForMaskedLM(DLMPreTrainedModel):
-    """MDLM and Duo: bidirectional denoisers of all L positions at once."""
+    """MDLM, Duo and GIDD: bidirectional denoisers of all L positions at once."""
 
     def forward(
         self,
@@ -243,7 +243,8 @@ class DLMForMaskedLM(DLMPreTrainedModel):
         attention_mask: Tensor | None = None,
     ) -> MaskedLMOutput:
         """input_ids [B, L] int64; timesteps: the diffusion time t in [0, 1] per sequence
-        ([B] or a scalar; Duo sees sigma_t, MDLM ignores it; default 0) -> logits [B, L, V]"""
+        ([B] or a scalar; Duo sees sigma_t, GIDD t, MDLM ignores it; default 0)
+        -> logits [B, L, V]"""
         return MaskedLMOutput(logits=self._logits(input_ids, timesteps, attention_mask))
 
     @torch.no_grad()
@@ -259,59 +260,7 @@ class DLMForMaskedLM(DLMPreTrainedModel):
         -> [num_samples, seq_len] int64"""
         steps, top_p, seed, seq_len = self._defaults(steps, top_p, seed, seq_len)
         generator = torch.Generator().manual_seed(seed)
-        grid = torch.linspace(1.0, self.config.sampling_t_min, steps + 1, dtype=torch.float64)
-        sampler = self._sample_duo if self.config.objective == "duo" else self._sample_mdlm
-        return sampler(num_samples, seq_len, grid.tolist(), top_p, generator)
-
-    def _sample_mdlm(self, n: int, seq_len: int, grid: list, top_p: float, generator) -> Tensor:
-        """A masked token is revealed between t and s with probability
-        (alpha_s - alpha_t) / (1 - alpha_t), as a draw from x̂; revealed tokens are kept; the
-        last step reveals the rest. x̂ does not depend on t: a step revealing nothing reuses it."""
-        mask_id, device, steps = self.config.mask_token_id, self.device, len(grid) - 1
-        x = torch.full((n, seq_len), mask_id, dtype=torch.int64, device=device)
-        s0 = torch.zeros(n, device=device)
-        p = None
-        for i in range(steps + 1):
-            masked = x == mask_id
-            if not masked.any():
-                break
-            if p is None:
-                p = self._denoiser(self.backbone(x, s0), top_p)
-            if i < steps:
-                a_t, a_s = self._alpha(grid[i]), self._alpha(grid[i + 1])
-                reveal = _host_uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
-            else:
-                reveal = torch.ones_like(masked)
-            reveal &= masked
-            if reveal.any():
-                x = torch.where(reveal, _categorical(p, generator), x)
-                p = None
-        return x
-
-    def _sample_duo(self, n: int, seq_len: int, grid: list, top_p: float, generator) -> Tensor:
-        """The uniform-state posterior with x̂ for x, alpha_ts = alpha_t / alpha_s:
-        q ∝ K a_t x̂ e_z + (a_ts - a_t) e_z + (a_s - a_t) x̂ + (1 - a_ts)(1 - a_s)/K 1_real,
-        from the uniform prior over the K real ids, then argmax x̂ at the last time."""
-        device, real = self.device, self._real()
-        real_ids, k = real.nonzero().flatten(), int(real.sum())
-        prior = torch.randint(k, (n, seq_len), generator=generator)
-        x = real_ids[prior.to(device)]
-        for i in range(len(grid) - 1):
-            t = torch.full((n,), grid[i], dtype=torch.float32, device=device)
-            x_hat = self._denoiser(self.backbone(x, self._time_input(t)), top_p)
-            a_t, a_s = self._alpha(grid[i]), self._alpha(grid[i + 1])
-            a_ts = a_t / a_s
-            e_z = F.one_hot(x, self.config.vocab_size).double()
-            x_hat_z = x_hat.gather(-1, x.unsqueeze(-1))
-            q = (
-                k * a_t * x_hat * e_z
-                + (a_ts - a_t) * e_z
-                + (a_s - a_t) * x_hat
-                + (1 - a_ts) * (1 - a_s) / k * real.double()
-            )
-            x = _categorical(q / (k * a_t * x_hat_z + 1 - a_t), generator)
-        t = torch.full((n,), grid[-1], dtype=torch.float32, device=device)
-        return self._denoiser(self.backbone(x, self._time_input(t)), 1.0).argmax(-1)
+        return SAMPLERS[self.config.objective](self, num_samples, seq_len, steps, top_p, generator)
 
 
 class DLMForCausalLM(DLMPreTrainedModel):
@@ -344,29 +293,5 @@ class DLMForCausalLM(DLMPreTrainedModel):
         s = torch.zeros(num_samples, device=self.device)
         for _ in range(seq_len - 1):
             p = self._denoiser(self.backbone(tokens[:, -1:], s, caches)[:, -1], top_p)
-            tokens = torch.cat([tokens, _categorical(p, generator).unsqueeze(1)], dim=1)
+            tokens = torch.cat([tokens, categorical(p, generator).unsqueeze(1)], dim=1)
         return tokens
-
-
-def _nucleus(p: Tensor, top_p: float) -> Tensor:
-    """Keep the smallest set of ids whose mass reaches top_p, renormalised. p [..., V] f64"""
-    if top_p >= 1:
-        return p
-    sorted_p, order = p.sort(dim=-1, descending=True)
-    before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely ids
-    sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
-    kept = torch.zeros_like(p).scatter(-1, order, sorted_p)
-    return kept / kept.sum(-1, keepdim=True)
-
-
-def _host_uniform(shape: torch.Size, generator: torch.Generator, device) -> Tensor:
-    """float64 uniforms from the host generator: the same draws on any device."""
-    return torch.rand(shape, dtype=torch.float64, generator=generator).to(device)
-
-
-def _categorical(p: Tensor, generator: torch.Generator) -> Tensor:
-    """One draw per row of p [..., V] (unnormalised, f64) by inverting its CDF -> [...] int64"""
-    cdf = p.cumsum(-1)
-    u = _host_uniform(p.shape[:-1], generator, p.device)
-    ids = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
-    return ids.clamp_max(p.shape[-1] - 1)

@@ -19,13 +19,13 @@ BLOCK = 1024  # positions per program
 def _corrupt_kernel(
     x0,
     keys,
-    threshold,
+    corrupt_p,
+    mask_p,
     real_ids,
     out,
     length,
     num_real,
     mask_id,
-    UNIFORM_IDS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -35,31 +35,29 @@ def _corrupt_kernel(
     signed = w0.to(tl.int32, bitcast=True)
     u = tl.where(signed < 0, -signed - 1, signed).to(tl.float32) * 4.6566127342e-10
     tokens = tl.load(x0 + row * length + positions, mask=inside)
-    if UNIFORM_IDS:
-        index = (w1.to(tl.uint64) * num_real) >> 32
-        replacement = tl.load(real_ids + index.to(tl.int64), mask=inside)
-    else:
-        replacement = tl.full([BLOCK], mask_id, tl.int64)
-    noised = tl.where(u < tl.load(threshold + row), replacement, tokens)
+    index = (w1.to(tl.uint64) * num_real) >> 32
+    replacement = tl.load(real_ids + index.to(tl.int64), mask=inside)
+    noised = tl.where(u < tl.load(corrupt_p + row), replacement, tokens)
+    noised = tl.where(u < tl.load(mask_p + row), mask_id, noised)
     tl.store(out + row * length + positions, noised, mask=inside)
 
 
-def corrupt(x0: Tensor, keys: Tensor, threshold: Tensor, vocab, uniform_ids: bool) -> Tensor:
-    """x0 [B, L] int64; keys [B] int64 Philox keys; threshold [B] f32 (1 - alpha_t); vocab
-    on x0's device."""
+def corrupt(x0: Tensor, keys: Tensor, corrupt_p: Tensor, mask_p: Tensor, vocab) -> Tensor:
+    """x0 [B, L] int64; keys [B] int64 Philox keys; corrupt_p, mask_p [B] f32 thresholds;
+    vocab on x0's device."""
     x0 = x0.contiguous()
     out = torch.empty_like(x0)
     batch, length = x0.shape
     _corrupt_kernel[(batch, triton.cdiv(length, BLOCK))](
         x0,
         keys,
-        threshold.contiguous(),
+        corrupt_p.contiguous(),
+        mask_p.contiguous(),
         vocab.real_ids,
         out,
         length,
         vocab.num_real,
         vocab.mask_id,
-        UNIFORM_IDS=uniform_ids,
         BLOCK=BLOCK,
     )
     return out

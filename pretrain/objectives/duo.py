@@ -46,7 +46,8 @@ class Duo(Objective):
 
     def noise(self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab) -> Tensor:
         """With probability 1 - alpha_t replace a token by a uniform real id (possibly itself)."""
-        return corrupt(x0, t, sample_ids, self.seed, vocab, uniform_ids=True)
+        p = 1 - alpha(t)
+        return corrupt(x0, sample_ids, self.seed, vocab, corrupt_p=p, mask_p=torch.zeros_like(p))
 
     def time_input(self, t: Tensor) -> Tensor:
         """Duo is conditioned on sigma_t = -log alpha_t."""

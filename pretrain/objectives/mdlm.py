@@ -52,7 +52,8 @@ class MDLM(Objective):
 
     def noise(self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab) -> Tensor:
         """Mask each token with probability 1 - alpha_t."""
-        return corrupt(x0, t, sample_ids, self.seed, vocab, uniform_ids=False)
+        p = 1 - alpha(t)
+        return corrupt(x0, sample_ids, self.seed, vocab, corrupt_p=p, mask_p=p)
 
     def time_input(self, t: Tensor) -> Tensor:
         """MDLM is not time-conditioned: s = 0 (docs/pitfalls.md P21)."""

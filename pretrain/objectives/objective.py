@@ -43,6 +43,7 @@ class Objective(ABC):
     seed: int = 0  # of the corruption (t is drawn by schedule.sample_t with the same seed)
 
     causal: ClassVar[bool]  # the attention pattern of the backbone
+    t_max: ClassVar[float] = 1.0  # training draws t from [eps, t_max) (schedule.sample_t)
     # Elementwise FLOPs per token per vocabulary entry of the loss (an estimate for the FLOPs
     # accounting: max, subtract, exp, sum for the softmax, plus the objective's own sums).
     loss_flops_per_vocab_entry: ClassVar[int]

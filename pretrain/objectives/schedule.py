@@ -24,14 +24,15 @@ def sigma(t: Tensor) -> Tensor:
     return -torch.log(alpha(t))
 
 
-def sample_t(seed: int, step: int, rows: Tensor, global_batch: int) -> Tensor:
-    """Antithetic t for the given rows of a global batch: row p owns stratum [p/G, (p+1)/G).
+def sample_t(seed: int, step: int, rows: Tensor, global_batch: int, t_max: float = 1.0) -> Tensor:
+    """Antithetic t for the given rows of a global batch: row p owns stratum [p/G, (p+1)/G)
+    of [eps, t_max) (t_max < 1 for objectives whose weights diverge at t = 1, GIDD).
 
     A function of (seed, step, p) only, so any split of the global batch over ranks and
     micro-batches gives each row the same t.
-    rows int64 [b] in [0, G) -> t float32 [b] in [eps, 1), on rows' device
+    rows int64 [b] in [0, G) -> t float32 [b] in [eps, t_max), on rows' device
     """
     keys = row_keys(seed, STREAM_TIME, torch.full_like(rows, step))
     u = uniform(philox4x32(keys, rows)[0]).double()
     t = (u + rows.double()) / global_batch
-    return ((1 - EPS) * t + EPS).float()
+    return ((t_max - EPS) * t + EPS).float()
