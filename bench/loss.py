@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from dlm_pretrain.pretrain.objectives import MDLM, Duo
+from dlm_pretrain.pretrain.objectives import GIDD, MDLM, Duo
 from dlm_pretrain.pretrain.objectives.schedule import alpha
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
@@ -77,6 +77,27 @@ def reference_duo(logits, x0, xt, t, vocab):
     return -(1 - 1e-3) / (k * a1) * (term1 - (theta + offset))
 
 
+def reference_gidd(logits, x0, xt, t, vocab, p_uniform=0.1):
+    """GIDD's loss as its code writes it (docs/algorithms.md §4.5): q_t(.|x) and q_t(.|x̂) as
+    float32 [N, V], their logs, the KL summed over the vocabulary, the IS term at z, the
+    dynamic weights (2 masked, 1 uniform, x_scale clean)."""
+    k = vocab.num_real
+    b = 2 * p_uniform / (1 - p_uniform)  # γ = 1
+    c = b * (t * (1 - t)).sqrt()[:, None]
+    big_c = 1 + c
+    beta_pi = (t[:, None] * F.one_hot(torch.tensor(vocab.mask_id), logits.shape[-1])) / big_c
+    beta_pi = beta_pi + c * vocab.real / (k * big_c)
+    a = (1 - t)[:, None] / big_c
+    x_hat = F.softmax(logits.masked_fill(~vocab.real, float("-inf")), dim=-1)
+    log_q = (a * F.one_hot(x0, logits.shape[-1]) + beta_pi).log().clamp(min=-1e6)
+    log_p = (a * x_hat + beta_pi).log().clamp(min=-1e6)
+    kl = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    log_ratio = (log_q - log_p).gather(-1, xt[:, None]).squeeze(-1)
+    x_scale = b / (k + 1) * torch.exp(0.5 * torch.sigmoid(-t))
+    weight = torch.where(xt == x0, x_scale, torch.where(xt == vocab.mask_id, 2.0, 1.0))
+    return weight * (kl + log_ratio.exp() - log_ratio - 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=32001)
@@ -92,6 +113,8 @@ def main() -> None:
     corrupt = torch.rand(n, generator=g) < t
     masked = torch.where(corrupt, vocab.mask_id, x0)
     uniform = torch.where(corrupt, vocab.real_ids[torch.randint(vocab.num_real, (n,))], x0)
+    gidd = GIDD(p_uniform=0.1)
+    mixed = gidd.noise(x0.view(SEQUENCES, -1), t_seq, torch.arange(SEQUENCES), vocab).flatten()
 
     def ours(objective, xt):
         def loss(lg):
@@ -105,6 +128,7 @@ def main() -> None:
     cases = {
         "MDLM cross-entropy": (masked, reference_cross_entropy, MDLM(loss_type="cross_entropy")),
         "Duo ELBO": (uniform, reference_duo, Duo()),
+        "GIDD (p_u = 0.1, dynamic weights)": (mixed, reference_gidd, gidd),
     }
     print(
         f"{n} tokens x vocab {v}, float32 logits ({n * v * 4 / 2**30:.2f} GiB), CPU, "

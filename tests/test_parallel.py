@@ -47,9 +47,9 @@ TRAININGS = {name: [f"objective.name={name}"] for name in OBJECTIVES}
 TRAININGS["mdlm-dropout"] = ["objective.name=mdlm", "model.dropout=0.2"]
 LAYOUTS = {  # name -> (processes, data-parallel size, overrides, trainings)
     "tp2": (2, 1, ["parallel.tensor=2"], tuple(TRAININGS)),
-    "pp2": (2, 1, ["parallel.pipeline=2"], ("duo",)),  # the time input crosses the stages
-    "tp2xpp2": (4, 1, ["parallel.tensor=2", "parallel.pipeline=2"], ("mdlm",)),
-    "tp2xdp2": (4, 2, ["parallel.tensor=2"], ("ar",)),
+    "pp2": (2, 1, ["parallel.pipeline=2"], ("duo", "gidd")),  # the time input crosses stages
+    "tp2xpp2": (4, 1, ["parallel.tensor=2", "parallel.pipeline=2"], ("mdlm", "gidd")),
+    "tp2xdp2": (4, 2, ["parallel.tensor=2"], ("ar", "gidd")),
 }
 
 
