@@ -39,7 +39,7 @@ def matmul_peak_flops(n: int = 2048) -> float:
 
 def train_step_seconds(cfg: ModelConfig, batch: int, groups) -> float:
     mdlm = MDLM(loss_type="cross_entropy")
-    model = build_pipeline(cfg, groups, mdlm.causal)
+    model = build_pipeline(cfg, groups, mdlm.attention_spec())
     vocab = Vocab.build(cfg.vocab_size, mask_id=4, never_in_data=(3,))
     x0 = torch.randint(5, cfg.vocab_size, (batch, cfg.seq_len))
     t = sample_t(0, 0, torch.arange(batch), batch)

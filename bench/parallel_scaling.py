@@ -104,7 +104,7 @@ def _worker(size: str, seq_len: int, steps: int, out: Path) -> None:
         tokens, t = labels
         return AR().per_token_loss(logits, tokens, tokens, t, vocab, groups.tp_group).mean()
 
-    model = build_pipeline(cfg, groups, causal=True, loss_fn=loss_fn)
+    model = build_pipeline(cfg, groups, AR().attention_spec(), loss_fn=loss_fn)
     train = TrainConfig(global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, steps=steps)
     engine = build_engine(model, train, OptimConfig(), groups, total_steps=steps)
     generator = torch.Generator().manual_seed(0)

@@ -113,6 +113,33 @@ class ModelConfig:
         )
 
 
+ATTENTION_KINDS = ("bidirectional", "causal", "sorted")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The backbone's attention pattern, fixed for a run (docs/algorithms.md §5.2, §5.6).
+
+    "sorted" is Eso-LM's: tokens arrive permuted with their original positions (int64 members
+    of the stage tuple, one [rows, L] tensor per row kind present, diffusion rows first).
+    Diffusion rows attend causally over their slots; sequential rows come as two column
+    groups [z-halves | x-halves] with §5.6's pair mask. Which kinds are present is static, so
+    no stage ever carries an empty tensor."""
+
+    kind: Literal["bidirectional", "causal", "sorted"]
+    diffusion_rows: bool = False
+    sequential_rows: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTENTION_KINDS:
+            raise ConfigError(f"attention kind {self.kind!r}; choose one of {ATTENTION_KINDS}")
+        if (self.kind == "sorted") != (self.diffusion_rows or self.sequential_rows):
+            raise ConfigError(
+                f"{self}: row kinds are for sorted attention only, and sorted attention needs "
+                "diffusion_rows, sequential_rows or both"
+            )
+
+
 def parameter_count(cfg: ModelConfig) -> int:
     """Exact parameter count of the DDiT (docs/algorithms.md §5.7).
 

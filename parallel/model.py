@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule
-from dlm_pretrain.parallel.config import TIME_FEATURES, ModelConfig
+from dlm_pretrain.parallel.attention import (
+    KVCache,
+    attend,
+    attend_cached,
+    rotary_tables,
+    split_positions,
+)
+from dlm_pretrain.parallel.config import TIME_FEATURES, AttentionSpec, ModelConfig
 from dlm_pretrain.parallel.groups import ProcessGroups
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
@@ -111,21 +118,6 @@ class TimeEmbedding(nn.Module):
         return F.silu(self.fc2(F.silu(self.fc1(features))))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos, sin [L, d_head] float32 for rotate-half (GPT-NeoX) pairing (i, i + d_head/2)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, L, d_head]; cos, sin [L, d_head] -> [B, H, L, d_head] in x's dtype."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """x [L, B, d] f32; shift, scale [B, d] f32 -> x (1 + scale) + shift, f32"""
     return x * (1 + scale[None]) + shift[None]
@@ -137,25 +129,9 @@ def _autocast(x: Tensor, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-@dataclass
-class KVCache:
-    """Keys and values of one causal block for incremental decoding. [B, H/tp, length, dh]"""
-
-    k: Tensor | None = None
-    v: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-
 class InputStage(nn.Module):
-    """(tokens [B, L] int64, s [B] f32) -> (hidden [L, B, d] f32, cond [B, c] f32)"""
+    """(tokens [B, L] int64, s [B] f32, *positions) -> (hidden [L, B, d] f32, cond [B, c] f32,
+    *positions): sorted attention's int64 positions pass through every stage untouched."""
 
     def __init__(self, cfg: ModelConfig, tp_group: ProcessGroup) -> None:
         super().__init__()
@@ -169,29 +145,30 @@ class InputStage(nn.Module):
         )
         self.time_embedding = TimeEmbedding(cfg.cond_dim, generator)
 
-    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        tokens, s = inputs
+    def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        tokens, s, *positions = inputs
         hidden = self.embedding(tokens.t().contiguous())  # [L, B, d]
-        return hidden, self.time_embedding(s)
+        return hidden, self.time_embedding(s), *positions
 
 
 class DiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN-Zero modulation (docs/algorithms.md §5.2).
-    (hidden, cond) -> same"""
+    (hidden, cond, *positions) -> same"""
 
     def __init__(
         self,
         cfg: ModelConfig,
         layer: int,
         tp_group: ProcessGroup,
-        causal: bool,
+        attention: AttentionSpec,
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         d, tp = cfg.hidden_size, tp_group.size()
         generator = _generator(cfg, layer)
         megatron = _megatron_config(tp_group)
-        self.causal, self.dropout, self.compute_dtype = causal, cfg.dropout, compute_dtype
+        self.attention_spec, self.compute_dtype = attention, compute_dtype
+        self.dropout = cfg.dropout
         self.heads_local, self.head_dim = cfg.n_heads // tp, cfg.head_dim
         self.norm1, self.norm2 = LayerNorm(d), LayerNorm(d)
         self.qkv = ColumnParallelLinear(
@@ -239,57 +216,68 @@ class DiTBlock(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        x, cond = inputs  # [L, B, d], [B, c]
-        return self.step(x, cond), cond
+    def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        x, cond, *positions = inputs  # [L, B, d], [B, c], sorted attention's int64 [rows, L]
+        spec = self.attention_spec
+        full = partial(attend, cos=self.cos, sin=self.sin, attention=spec, positions=positions)
+        return self._block(x, cond, full), cond, *positions
 
-    def step(self, x: Tensor, cond: Tensor, cache: KVCache | None = None) -> Tensor:
-        """x [l, B, d] f32 at positions cache.length.. (0 without a cache) -> [l, B, d] f32.
+    def step(
+        self,
+        x: Tensor,
+        cond: Tensor,
+        cache: KVCache,
+        positions: Tensor | None = None,
+        keep: int | None = None,
+    ) -> Tensor:
+        """Incremental decoding of the next l tokens, as attend_cached describes.
+        x [l, B, d] f32, positions [B, l] int64 or None -> [l, B, d] f32"""
+        cached = partial(
+            attend_cached, cos=self.cos, sin=self.sin, cache=cache, positions=positions, keep=keep
+        )
+        return self._block(x, cond, cached)
+
+    def _block(self, x: Tensor, cond: Tensor, attend: Callable[..., Tensor]) -> Tensor:
+        """x [l, B, d] f32 -> [l, B, d] f32, `attend` mapping q, k, v to the heads' outputs.
         The modulations, LayerNorms and the residual stream stay float32; the branches run
         in the compute dtype and promote back to float32 when the gates add them
         (docs/algorithms.md §5.5)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
         with _autocast(x, self.compute_dtype):
-            attention = self._attention(_modulate(self.norm1(x), shift1, scale1), cache)
+            attention = self._attention(_modulate(self.norm1(x), shift1, scale1), attend)
         x = x + gate1[None] * F.dropout(attention, self.dropout, self.training)
         with _autocast(x, self.compute_dtype):
             hidden, _ = self.fc1(_modulate(self.norm2(x), shift2, scale2))
             mlp, _ = self.fc2(F.gelu(hidden, approximate="tanh"))
         return x + gate2[None] * F.dropout(mlp, self.dropout, self.training)
 
-    def _attention(self, h: Tensor, cache: KVCache | None) -> Tensor:
+    def _attention(self, h: Tensor, attend: Callable[..., Tensor]) -> Tensor:
         """h [l, B, d] -> [l, B, d] (all-reduced over the tp group by attn_out)"""
         seq, batch = h.shape[:2]
-        start = 0 if cache is None else cache.length
         qkv, _ = self.qkv(h)  # [l, B, 3d/tp]
         qkv = qkv.view(seq, batch, self.heads_local, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # [B, H/tp, l, dh]
-        cos, sin = self.cos[start : start + seq], self.sin[start : start + seq]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = None
-        if cache is not None:
-            k, v = cache.append(k, v)
-            # queries at start..start+l-1 see every cached key and, causally, the new ones
-            mask = torch.ones(seq, start + seq, dtype=torch.bool, device=h.device).tril(start)
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and cache is None
-        )
-        a = a.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
-        out, _ = self.attn_out(a)
+        a = attend(q, k, v).permute(2, 0, 1, 3)
+        out, _ = self.attn_out(a.reshape(seq, batch, self.heads_local * self.head_dim))
         return out
 
 
 class OutputStage(nn.Module):
     """Final adaLN LayerNorm and the untied, zero-initialised head (docs/algorithms.md §5.4).
 
-    (hidden [L, B, d] f32, cond [B, c] f32) -> logits [B, L, V/tp] in the compute dtype
+    (hidden [L, B, d] f32, cond [B, c] f32, *positions) -> logits [B, L, V/tp] in the compute
+    dtype; with sorted attention's sequential rows, B excludes their x-half columns.
     """
 
     def __init__(
-        self, cfg: ModelConfig, tp_group: ProcessGroup, compute_dtype: torch.dtype = torch.float32
+        self,
+        cfg: ModelConfig,
+        tp_group: ProcessGroup,
+        attention: AttentionSpec,
+        compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        self.compute_dtype = compute_dtype
+        self.attention_spec, self.compute_dtype = attention, compute_dtype
         self.norm = LayerNorm(cfg.hidden_size)
         self.modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size)
         nn.init.zeros_(self.modulation.weight)
@@ -305,17 +293,25 @@ class OutputStage(nn.Module):
         )
         self.tp_group = tp_group
 
-    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
-        x, cond = inputs
+    def forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        x, cond, *positions = inputs
+        _, pos_s = split_positions(self.attention_spec, positions)
+        if pos_s is not None:  # the x-half columns were context for the z-halves, never scored
+            scored = x.shape[1] - pos_s.shape[0]
+            x, cond = x[:, :scored], cond[:scored]
+        return self.logits(x, cond)
+
+    def logits(self, x: Tensor, cond: Tensor) -> Tensor:
+        """Every column's logits. x [l, B, d] f32, cond [B, c] -> [B, l, V/tp]"""
         shift, scale = self.modulation(cond).chunk(2, dim=-1)
         with _autocast(x, self.compute_dtype):
             logits, _ = self.head(_modulate(self.norm(x), shift, scale))
-        return logits.transpose(0, 1)  # [B, L, V/tp]
+        return logits.transpose(0, 1)  # [B, l, V/tp]
 
     @torch.no_grad()
-    def full_logits(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
-        """The logits gathered over the tensor group, [B, L, V]: for sampling, never training."""
-        logits = self(inputs).contiguous()
+    def full_logits(self, x: Tensor, cond: Tensor) -> Tensor:
+        """The logits gathered over the tensor group, [B, l, V]: for sampling, never training."""
+        logits = self.logits(x, cond).contiguous()
         if self.tp_group.size() == 1:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp_group.size())]
@@ -326,22 +322,23 @@ class OutputStage(nn.Module):
 def build_pipeline(
     cfg: ModelConfig,
     groups: ProcessGroups,
-    causal: bool,
+    attention: AttentionSpec,
     loss_fn: Callable | None = None,
     partition: str = "parameters",
     compute_dtype: torch.dtype = torch.float32,
 ) -> PipelineModule:
     """The model as DeepSpeed layer specs, cut into stages balanced by `partition`
     ("parameters" or "uniform" layers); each stage builds only its own layers. Between
-    stages flows (hidden [L, B, d], cond [B, c]), float32. Parameters are float32 whatever
+    stages flows (hidden [L, B, d], cond [B, c]), float32, then for sorted attention its
+    int64 positions (AttentionSpec), which need no gradient. Parameters are float32 whatever
     `compute_dtype`, the autocast dtype of the blocks' and the head's matmuls
     (docs/algorithms.md §5.5)."""
     tp_group = groups.tp_group
     blocks = [
-        LayerSpec(DiTBlock, cfg, i + 1, tp_group, causal, compute_dtype)
+        LayerSpec(DiTBlock, cfg, i + 1, tp_group, attention, compute_dtype)
         for i in range(cfg.n_layers)
     ]
-    head = LayerSpec(OutputStage, cfg, tp_group, compute_dtype)
+    head = LayerSpec(OutputStage, cfg, tp_group, attention, compute_dtype)
     specs = [LayerSpec(InputStage, cfg, tp_group), *blocks, head]
     return PipelineModule(
         specs, topology=groups.topology, loss_fn=loss_fn, partition_method=partition

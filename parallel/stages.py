@@ -2,8 +2,9 @@
 
 Training runs DeepSpeed's 1F1B schedule; evaluation only needs each stage to run its layers
 and hand the activations on. The tensors that flow between stages are the same in both:
-(hidden [L, B, d], cond [B, c]) in the parameters' dtype, sent to the next stage of the
-same (data, tensor) coordinate.
+(hidden [L, B, d], cond [B, c]) in the parameters' dtype, then sorted attention's int64
+positions (parallel.model.build_pipeline), sent to the next stage of the same (data, tensor)
+coordinate.
 """
 
 from __future__ import annotations
@@ -22,19 +23,12 @@ def _neighbour(groups: ProcessGroups, offset: int) -> int:
 
 @torch.no_grad()
 def forward_through_stages(
-    module: Module, inputs: tuple[Tensor, Tensor], cfg: ModelConfig, groups: ProcessGroups
+    module: Module, inputs: tuple[Tensor, ...], cfg: ModelConfig, groups: ProcessGroups
 ) -> Tensor | None:
-    """inputs (tokens [B, L], s [B]) are used on the first stage; every stage needs them only
-    for B and L. Returns this rank's logits shard [B, L, V/tp] on the last stage, else None."""
-    tokens, _ = inputs
-    if groups.pp_rank == 0:
-        out = inputs
-    else:
-        like = next(module.parameters())  # activations have the parameters' dtype and device
-        batch, length = tokens.shape
-        out = (like.new_empty(length, batch, cfg.hidden_size), like.new_empty(batch, cfg.cond_dim))
-        for tensor in out:
-            dist.recv(tensor, src=_neighbour(groups, -1))
+    """inputs (tokens [B, L], s [B], *positions int64) are used on the first stage; every
+    other stage shapes its receive buffers from them. Returns this rank's logits shard
+    [B', L, V/tp] on the last stage, else None."""
+    out = inputs if groups.pp_rank == 0 else _received(module, inputs, cfg, groups)
     for layer in module.forward_funcs:
         out = layer(out)
     if groups.pp_rank == groups.pp_size - 1:
@@ -42,3 +36,19 @@ def forward_through_stages(
     for tensor in out:
         dist.send(tensor.contiguous(), dst=_neighbour(groups, 1))
     return None
+
+
+def _received(
+    module: Module, inputs: tuple[Tensor, ...], cfg: ModelConfig, groups: ProcessGroups
+) -> tuple[Tensor, ...]:
+    """The previous stage's (hidden [L, B, d], cond [B, c], *positions), in the shapes this
+    stage's own inputs imply."""
+    tokens, _, *positions = inputs
+    like = next(module.parameters())  # activations have the parameters' dtype and device
+    batch, length = tokens.shape
+    hidden = like.new_empty(length, batch, cfg.hidden_size)
+    cond = like.new_empty(batch, cfg.cond_dim)
+    out = (hidden, cond, *(p.new_empty(p.shape, device=like.device) for p in positions))
+    for tensor in out:
+        dist.recv(tensor, src=_neighbour(groups, -1))
+    return out

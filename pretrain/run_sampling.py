@@ -35,7 +35,9 @@ def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
     manifest = open_dataset(cfg.data.path)
     model_cfg, vocab = model_spec(cfg, manifest, checkpoint.read_meta(folder)["vocab_size"])
     objective = build_objective(cfg.objective)
-    model = build_pipeline(model_cfg, groups, objective.causal, compute_dtype=runtime.dtype)
+    model = build_pipeline(
+        model_cfg, groups, objective.attention_spec(), compute_dtype=runtime.dtype
+    )
     checkpoint.load_weights(model, folder)
     model.to(runtime.device)
     vocab = vocab.to(runtime.device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from dlm_pretrain.parallel.model import KVCache
+from dlm_pretrain.parallel.attention import KVCache
 from dlm_pretrain.pretrain.config import SamplingConfig
 from dlm_pretrain.pretrain.objectives.draws import Samples
 from dlm_pretrain.pretrain.objectives.objective import Objective
@@ -28,7 +28,7 @@ class _Layers:
         out = (tokens, s)
         for layer in body:
             out = layer(out)
-        return last.full_logits(out)
+        return last.full_logits(*out)
 
     def decoder(self) -> Callable[[Tensor, Tensor], Tensor]:
         first, *blocks, last = self.layers
@@ -38,7 +38,7 @@ class _Layers:
             hidden, cond = first((tokens, s))
             for block, cache in zip(blocks, caches, strict=True):
                 hidden = block.step(hidden, cond, cache)
-            return last.full_logits((hidden, cond))
+            return last.full_logits(hidden, cond)
 
         return step
 

@@ -235,7 +235,7 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
     model = build_pipeline(
         model_cfg,
         groups,
-        objective.causal,
+        objective.attention_spec(),
         loss_fn=loss_fn,
         partition=cfg.parallel.partition,
         compute_dtype=runtime.dtype,

@@ -81,7 +81,7 @@ def _our_model(run_dir: Path):
     manifest = load_manifest(run_dir)
     model_cfg, vocab = model_spec(cfg, manifest, read_meta(folder)["vocab_size"])
     objective = build_objective(cfg.objective)
-    model = build_pipeline(model_cfg, groups, objective.causal)
+    model = build_pipeline(model_cfg, groups, objective.attention_spec())
     load_weights(model, folder)
     tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
     return objective, model.forward_funcs, vocab, tokenizer, manifest.seq_len

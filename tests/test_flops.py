@@ -33,7 +33,7 @@ def test_analytic_forward_flops_match_the_flop_counter(objective):
     groups = init_process_groups(ParallelConfig(), Runtime.detect())
     cfg = ModelConfig.preset("cpu-small", vocab_size=2048, seq_len=256)
     spec = OBJECTIVES[objective]()
-    model = build_pipeline(cfg, groups, spec.causal)
+    model = build_pipeline(cfg, groups, spec.attention_spec())
     vocab = Vocab.build(cfg.vocab_size, mask_id=4)
     x0 = torch.randint(5, cfg.vocab_size, (1, cfg.seq_len))
     t = torch.tensor([0.5])

@@ -7,6 +7,7 @@ import torch
 from dlm_pretrain.parallel.config import (
     SIZES,
     TENSOR_SPLIT_DIMS,
+    AttentionSpec,
     ModelConfig,
     ParallelConfig,
     parameter_count,
@@ -30,9 +31,9 @@ def groups():
     return init_process_groups(ParallelConfig(), Runtime.detect())
 
 
-def _model(groups, size="tiny", causal=False, vocab=97, seq_len=32, **kw):
+def _model(groups, size="tiny", kind="bidirectional", vocab=97, seq_len=32, **kw):
     cfg = ModelConfig.preset(size, vocab_size=vocab, seq_len=seq_len, **kw)
-    return cfg, build_pipeline(cfg, groups, causal)
+    return cfg, build_pipeline(cfg, groups, AttentionSpec(kind))
 
 
 @pytest.mark.parametrize("size", ["tiny", "cpu-small", "6M", "19M"])
@@ -75,9 +76,9 @@ def _randomise(model, seed):
             p.add_(torch.randn(p.shape, generator=g) * 0.1)  # leave zero-init, stay unsaturated
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_attention_pattern(groups, causal):
-    cfg, model = _model(groups, causal=causal)
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+def test_attention_pattern(groups, kind):
+    cfg, model = _model(groups, kind=kind)
     _randomise(model, 1)
     tokens = torch.randint(cfg.vocab_size, (2, cfg.seq_len))
     changed = tokens.clone()
@@ -85,7 +86,7 @@ def test_attention_pattern(groups, causal):
     s = torch.rand(2)
     diff = (model((tokens, s)) - model((changed, s))).abs().amax(dim=(0, 2))
     assert diff[20] > 0 and diff[21:].max() > 0
-    if causal:
+    if kind == "causal":
         assert torch.all(diff[:20] == 0), "a causal model saw a later token"
     else:
         assert torch.all(diff[:20] > 0), "a bidirectional model ignored a later token"
@@ -116,8 +117,10 @@ def test_bf16_autocast_keeps_float32_parameters_residual_and_gradients(groups):
     the float32 model's largest value (measured: 1.4% for the logits, at most 3.4% for a
     parameter's gradient)."""
     cfg = ModelConfig.preset("tiny", vocab_size=97, seq_len=32)
-    exact = build_pipeline(cfg, groups, causal=False)
-    mixed = build_pipeline(cfg, groups, causal=False, compute_dtype=torch.bfloat16)
+    exact = build_pipeline(cfg, groups, AttentionSpec("bidirectional"))
+    mixed = build_pipeline(
+        cfg, groups, AttentionSpec("bidirectional"), compute_dtype=torch.bfloat16
+    )
     _randomise(exact, 3)
     _randomise(mixed, 3)
     tokens, s = torch.randint(cfg.vocab_size, (2, cfg.seq_len)), torch.rand(2)
@@ -140,9 +143,9 @@ def test_bf16_autocast_keeps_float32_parameters_residual_and_gradients(groups):
 
 
 def test_kv_cached_decoding_equals_the_full_causal_forward(groups):
-    from dlm_pretrain.parallel.model import KVCache
+    from dlm_pretrain.parallel.attention import KVCache
 
-    cfg, model = _model(groups, causal=True)
+    cfg, model = _model(groups, kind="causal")
     _randomise(model, 4)
     tokens = torch.randint(cfg.vocab_size, (2, 12))
     s = torch.zeros(2)

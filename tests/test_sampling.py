@@ -60,7 +60,7 @@ def _pattern_score(tokens: torch.Tensor) -> float:
 def test_trained_model_samples_reproduce_the_pattern(objective):
     groups = init_process_groups(ParallelConfig(), Runtime.detect())
     cfg = ModelConfig.preset("tiny", vocab_size=VOCAB.size, seq_len=L, init_seed=1)
-    model = build_pipeline(cfg, groups, objective.causal)
+    model = build_pipeline(cfg, groups, objective.attention_spec())
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     batch = 32

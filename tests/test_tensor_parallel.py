@@ -15,13 +15,18 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
+from dlm_pretrain.parallel.config import AttentionSpec, ModelConfig, ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 
 pytestmark = pytest.mark.slow  # several processes or whole runs: not in the quick subset
 
 V, L, B = 128, 16, 2
+ATTENTION = {  # sorted: B diffusion rows and B pairs, positions in both
+    "bidirectional": AttentionSpec("bidirectional"),
+    "causal": AttentionSpec("causal"),
+    "sorted": AttentionSpec("sorted", diffusion_rows=True, sequential_rows=True),
+}
 
 
 def _full(name: str, shape: list[int]) -> torch.Tensor:
@@ -30,15 +35,15 @@ def _full(name: str, shape: list[int]) -> torch.Tensor:
 
 
 def _run(rank: int, world_size: int, out: Path) -> None:
-    """Both attention masks, in one process group: out/{causal}.pt on rank 0."""
+    """Every attention pattern, in one process group: out/{kind}.pt on rank 0."""
     groups = init_process_groups(ParallelConfig(tensor=world_size), Runtime.detect())
-    for causal in (False, True):
-        _forward_backward(rank, world_size, groups, causal, out / f"{causal}.pt")
+    for kind in ATTENTION:
+        _forward_backward(rank, world_size, groups, kind, out / f"{kind}.pt")
 
 
-def _forward_backward(rank: int, world_size: int, groups, causal: bool, out: Path) -> None:
+def _forward_backward(rank: int, world_size: int, groups, kind: str, out: Path) -> None:
     cfg = ModelConfig.preset("tiny", vocab_size=V, seq_len=L, init_seed=3)
-    model = build_pipeline(cfg, groups, causal)
+    model = build_pipeline(cfg, groups, ATTENTION[kind])
     split = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -49,9 +54,9 @@ def _forward_backward(rank: int, world_size: int, groups, causal: bool, out: Pat
             full = _full(name, shape)
             p.add_(full.chunk(world_size, p.partition_dim)[rank] if split[name] else full)
     g = torch.Generator().manual_seed(0)
-    tokens, s = torch.randint(V, (B, L), generator=g), torch.rand(B, generator=g)
-    weights = torch.randn(B, L, V, generator=g).chunk(world_size, -1)[rank]
-    logits = model((tokens, s))  # [B, L, V/tp]
+    inputs = _inputs(ATTENTION[kind], g)
+    logits = model(inputs)  # [B, L, V/tp] (sorted: [2B, L, V/tp], x-halves dropped)
+    weights = torch.randn(logits.shape[0], L, V, generator=g).chunk(world_size, -1)[rank]
     loss = (logits * weights).sum()
     loss.backward()
     total = torch.stack([loss.detach(), (logits * weights).abs().sum().detach()])
@@ -68,6 +73,15 @@ def _forward_backward(rank: int, world_size: int, groups, causal: bool, out: Pat
         torch.save({"loss": total, "grads": grads}, out)
 
 
+def _inputs(attention: AttentionSpec, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(tokens, s), or for sorted attention (tokens [3B, L], s [3B], pos_d [B, L], pos_s [B, L])
+    with columns [diffusion | z-halves | x-halves]."""
+    if attention.kind != "sorted":
+        return torch.randint(V, (B, L), generator=g), torch.rand(B, generator=g)
+    positions = [torch.stack([torch.randperm(L, generator=g) for _ in range(B)]) for _ in range(2)]
+    return torch.randint(V, (3 * B, L), generator=g), torch.rand(3 * B, generator=g), *positions
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tensor_parallel")
@@ -77,10 +91,10 @@ def outputs(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_tp2_equals_one_process(outputs, causal):
-    one = torch.load(outputs / "tp1" / f"{causal}.pt")
-    two = torch.load(outputs / "tp2" / f"{causal}.pt")
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_tp2_equals_one_process(outputs, kind):
+    one = torch.load(outputs / "tp1" / f"{kind}.pt")
+    two = torch.load(outputs / "tp2" / f"{kind}.pt")
     # the loss sums terms of both signs: compare against the size of its terms
     assert (one["loss"][0] - two["loss"][0]).abs() < 1e-5 * one["loss"][1]
     assert one["grads"].keys() == two["grads"].keys()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
+from dlm_pretrain.parallel.config import AttentionSpec
 from dlm_pretrain.pretrain.objectives.draws import Samples
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
@@ -47,6 +48,10 @@ class Objective(ABC):
     # Elementwise FLOPs per token per vocabulary entry of the loss (an estimate for the FLOPs
     # accounting: max, subtract, exp, sum for the softmax, plus the objective's own sums).
     loss_flops_per_vocab_entry: ClassVar[int]
+
+    def attention_spec(self) -> AttentionSpec:
+        """The backbone's attention pattern for this objective (parallel.config)."""
+        return AttentionSpec("causal" if self.causal else "bidirectional")
 
     @classmethod
     def from_config(cls, cfg: ObjectiveConfig) -> Objective:
