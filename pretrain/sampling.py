@@ -23,21 +23,25 @@ class _Layers:
         self.layers = layers
         self.device = next(layers[0].parameters()).device  # samples are built there
 
-    def logits(self, tokens: Tensor, s: Tensor) -> Tensor:
+    def logits(self, tokens: Tensor, s: Tensor, positions: Tensor | None = None) -> Tensor:
+        if positions is not None:  # sorted slots: one causal call of a fresh decoder
+            return self.decoder()(tokens, s, positions, keep=0)
         *body, last = self.layers
         out = (tokens, s)
         for layer in body:
             out = layer(out)
         return last.full_logits(*out)
 
-    def decoder(self) -> Callable[[Tensor, Tensor], Tensor]:
+    def decoder(self) -> Callable[..., Tensor]:
         first, *blocks, last = self.layers
         caches = [KVCache() for _ in blocks]
 
-        def step(tokens: Tensor, s: Tensor) -> Tensor:
+        def step(
+            tokens: Tensor, s: Tensor, positions: Tensor | None = None, keep: int | None = None
+        ) -> Tensor:
             hidden, cond = first((tokens, s))
             for block, cache in zip(blocks, caches, strict=True):
-                hidden = block.step(hidden, cond, cache)
+                hidden = block.step(hidden, cond, cache, positions, keep)
             return last.full_logits(hidden, cond)
 
         return step

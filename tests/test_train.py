@@ -325,11 +325,11 @@ class _FavoursTheIdsThatAreNotReal:
         g = torch.Generator().manual_seed(0)
         self.row = torch.randn(vocab.size, generator=g).masked_fill(~vocab.real, 30.0)
 
-    def logits(self, tokens: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, s: torch.Tensor, positions=None) -> torch.Tensor:
         return self.row.expand(*tokens.shape, -1)
 
     def decoder(self):
-        return self.logits
+        return lambda tokens, s, positions=None, keep=None: self.logits(tokens, s, positions)
 
 
 def test_vocabulary_is_padded_per_tensor_size_and_padding_is_never_real(dataset):

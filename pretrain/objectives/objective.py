@@ -31,12 +31,17 @@ class Denoiser(Protocol):
 
     device: torch.device
 
-    def logits(self, tokens: Tensor, s: Tensor) -> Tensor:
-        """Full logits, gathered over the tensor group. tokens [N, L], s [N] -> [N, L, V] f32"""
+    def logits(self, tokens: Tensor, s: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Full logits, gathered over the tensor group. tokens [N, L], s [N] -> [N, L, V] f32.
+        With positions [N, L] int64 the tokens are sorted slots at those positions, attended
+        causally (Eso-LM, docs/algorithms.md §9.3)."""
 
-    def decoder(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """An incremental causal decoder with its own key/value caches: each call takes the
-        next tokens [N, l] and s [N] and returns their full logits [N, l, V]."""
+    def decoder(self) -> Callable[..., Tensor]:
+        """An incremental causal decoder with its own key/value caches: each call
+        (tokens, s, positions=None, keep=None) takes the next tokens [N, l] and s [N] and
+        returns their full logits [N, l, V]. The tokens sit at positions [N, l] int64, or
+        after the cached ones; they see every cached token and, causally, each other; only
+        the first `keep` (all by default) are cached for later calls."""
 
 
 @dataclass(frozen=True, kw_only=True)
