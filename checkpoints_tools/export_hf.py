@@ -34,7 +34,7 @@ from dlm_pretrain.pretrain.checkpoint import checkpoint_folder
 from dlm_pretrain.pretrain.checkpoint_files import read_meta, read_weights
 from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig, load_config
 from dlm_pretrain.pretrain.model_spec import model_spec
-from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives import build_objective
 from dlm_pretrain.pretrain.objectives.draws import T_MIN
 from dlm_pretrain.pretrain.objectives.schedule import EPS
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -56,6 +56,7 @@ ARCHITECTURES = {
     "mdlm": ("DLMForMaskedLM", "AutoModelForMaskedLM", False),
     "duo": ("DLMForMaskedLM", "AutoModelForMaskedLM", True),
     "gidd": ("DLMForMaskedLM", "AutoModelForMaskedLM", True),
+    "esolm": ("DLMForMaskedLM", "AutoModelForMaskedLM", False),
 }
 
 
@@ -145,7 +146,8 @@ class _Export:
             "pad_token_id": special.pad,
             "excluded_token_ids": _excluded(self.vocab, self.tokenizer.vocab_size),
             "objective": name,
-            "attention": "causal" if OBJECTIVES[name].causal else "bidirectional",
+            # the backbone's own pattern: Eso-LM is causal over its sorted slots ("sorted")
+            "attention": build_objective(self.cfg.objective).attention_spec().kind,
             "time_conditioning": time_conditioning,
             "schedule_eps": EPS,
             "p_uniform": self.cfg.objective.p_uniform,
@@ -204,6 +206,7 @@ class _Export:
             "",
             "`model(input_ids, timesteps=t)` returns the logits [B, L, V]; `t` is the diffusion "
             "time in [0, 1] (Duo and GIDD are conditioned on it).",
+            *_positions_note(name),
             "",
         ]
         return "\n".join(lines)
@@ -214,7 +217,20 @@ _OBJECTIVE_NAMES = {
     "mdlm": "masked diffusion (MDLM)",
     "duo": "uniform-state diffusion (Duo)",
     "gidd": "masked-uniform interpolating diffusion (GIDD)",
+    "esolm": "AR-masked interpolating diffusion (Eso-LM)",
 }
+
+
+def _positions_note(name: str) -> list[str]:
+    if name != "esolm":
+        return []
+    return [
+        "",
+        "Eso-LM's denoiser is causal over an order of the tokens: "
+        "`model(input_ids, positions=positions)` takes the tokens in that order with "
+        "`positions` [B, L], each one's original position (training put the clean tokens "
+        "first); without it the order is left to right.",
+    ]
 
 
 def _validation_rows(validation: dict | None, name: str) -> list[str]:

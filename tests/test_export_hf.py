@@ -16,6 +16,7 @@ import torch
 from dlm_pretrain.common.errors import CheckpointError, ConfigError
 from test_train import ONE_THREAD, _torchrun, _train
 
+OBJECTIVES = ("ar", "mdlm", "duo", "gidd", "esolm")
 SAMPLING = {"num_samples": 2, "steps": 8, "seed": 5}
 # One interpreter for every export: transformers alone, our package refused at import.
 HF_SCRIPT = r"""
@@ -35,9 +36,8 @@ import transformers
 for job in json.loads(open(sys.argv[1]).read()):
     auto = getattr(transformers, job["auto"])
     model = auto.from_pretrained(job["folder"], trust_remote_code=True)
-    inputs = torch.load(job["inputs"])
     with torch.no_grad():
-        out = {"logits": model(inputs["tokens"], timesteps=inputs["t"]).logits}
+        out = {"logits": model(**torch.load(job["inputs"])).logits}
     out["dtype"] = str(next(model.parameters()).dtype)
     if job["sample"]:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -90,7 +90,9 @@ def _our_model(run_dir: Path):
 @torch.no_grad()
 def _reference(run_dir: Path, inputs: Path, seed: int, sample: bool) -> dict:
     """Our logits on fresh token ids and times (t near 1e-3 and near 1 included), restricted
-    to the tokenizer's ids, and, if asked, our samples; the inputs are saved to `inputs`."""
+    to the tokenizer's ids, and, if asked, our samples; the inputs are saved to `inputs` as the
+    exported forward's arguments. Sorted attention also gets a random order of each row, in
+    the stage tuple's layout (objective.batch)."""
     from dlm_pretrain.pretrain.config import SamplingConfig
     from dlm_pretrain.pretrain.sampling import generate
 
@@ -98,8 +100,13 @@ def _reference(run_dir: Path, inputs: Path, seed: int, sample: bool) -> dict:
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(tokenizer.vocab_size, (3, seq_len), generator=generator)
     t = torch.tensor([1e-3, 0.999, torch.rand(1, generator=generator).item()])
-    torch.save({"tokens": tokens, "t": t}, inputs)
+    hf_inputs = {"input_ids": tokens, "timesteps": t}
     out = (tokens, objective.time_input(t))
+    if objective.attention_spec().kind == "sorted":
+        positions = torch.stack([torch.randperm(seq_len, generator=generator) for _ in t])
+        hf_inputs["positions"] = positions
+        out = (*out, positions)
+    torch.save(hf_inputs, inputs)
     for layer in layers:
         layer.eval()
         out = layer(out)
@@ -164,7 +171,7 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
     """Two steps of each objective in this process, then fresh random weights."""
     root = tmp_path_factory.mktemp("export_runs")
     runs = {}
-    for objective in ("ar", "mdlm", "duo", "gidd"):
+    for objective in OBJECTIVES:
         run_dir = _train(
             dataset, root / objective, "train.steps=2", "train.val_every=100",
             f"objective.name={objective}", "data.num_workers=1",
@@ -182,12 +189,12 @@ def exported(runs, tmp_path_factory) -> dict[str, dict]:
     return _export_and_compare(exports, tmp_path_factory.mktemp("exports"))
 
 
-@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_exported_logits_equal_ours(exported, objective):
     _assert_same_logits(exported[objective])
 
 
-@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_exported_sampler_gives_our_tokens(exported, objective):
     """Same seed, same draws: the exported sampler repeats pretrain/sampling.py token for
     token; the tokenizer decodes them (the model card's three lines)."""
@@ -227,6 +234,9 @@ def test_config_json_names_the_model_and_the_run(exported, runs):
     assert duo["time_conditioning"] and duo["attention"] == "bidirectional"
     card = (exported["mdlm"]["folder"] / "README.md").read_text()
     assert "AutoModelForMaskedLM.from_pretrained" in card and "validation perplexity" in card
+    esolm = json.loads((exported["esolm"]["folder"] / "config.json").read_text())
+    assert esolm["attention"] == "sorted" and not esolm["time_conditioning"]
+    assert esolm["architectures"] == ["DLMForMaskedLM"]
 
 
 def test_key_table_round_trip_and_qkv_order(runs):
@@ -308,8 +318,8 @@ def test_no_checkpoint_a_missing_step_and_a_bad_dtype_are_refused(runs, tmp_path
 
 
 def test_an_objective_without_an_export_is_refused(runs, tmp_path, monkeypatch):
-    """An objective the config knows but the export does not (Eso-LM once it is built), and
-    one the config does not know."""
+    """An objective the config knows but the export does not (taken out of ARCHITECTURES
+    here), and one the config does not know."""
     from dlm_pretrain.checkpoints_tools import export_hf as module
 
     monkeypatch.delitem(module.ARCHITECTURES, "duo")

@@ -1,5 +1,6 @@
-"""Configuration of a diffusion (MDLM, Duo) or autoregressive language model trained with
-dlm-pretrain, loaded with `AutoConfig.from_pretrained(folder, trust_remote_code=True)`.
+"""Configuration of a diffusion (MDLM, Duo, GIDD, Eso-LM) or autoregressive language model
+trained with dlm-pretrain, loaded with
+`AutoConfig.from_pretrained(folder, trust_remote_code=True)`.
 
 Standalone: this file imports only transformers, so an exported folder needs neither
 dlm-pretrain, DeepSpeed nor megatron. Every shape, the special ids, the objective with its
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-OBJECTIVES = ("ar", "mdlm", "duo", "gidd")
+OBJECTIVES = ("ar", "mdlm", "duo", "gidd", "esolm")
+# The attention each objective was trained with, "bidirectional" for the others: AR is causal
+# over the positions, Eso-LM causal over a per-sequence order of them ("sorted").
+ATTENTION = {"ar": "causal", "esolm": "sorted"}
 
 
 class DLMConfig(PretrainedConfig):
@@ -35,9 +39,9 @@ class DLMConfig(PretrainedConfig):
     eos_token_id: int | None = None  # precedes every document; the AR sampler starts from it
     pad_token_id: int | None = None
     excluded_token_ids: list[int] | None = None
-    # objective: "causal" attention for ar, "bidirectional" for the others; Duo conditions on
-    # sigma_t = -log(alpha_t) with alpha_t = 1 - (1 - schedule_eps) t, GIDD on t, the others
-    # on 0; GIDD's mixing schedule has the uniform share p_uniform and the exponent gamma
+    # objective: its attention as in ATTENTION; Duo conditions on sigma_t = -log(alpha_t) with
+    # alpha_t = 1 - (1 - schedule_eps) t, GIDD on t, the others on 0; GIDD's mixing schedule
+    # has the uniform share p_uniform and the exponent gamma
     objective: str = "mdlm"
     attention: str = "bidirectional"
     time_conditioning: bool = False
@@ -53,7 +57,7 @@ class DLMConfig(PretrainedConfig):
     def __post_init__(self, **kwargs) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
-        attention = "causal" if self.objective == "ar" else "bidirectional"
+        attention = ATTENTION.get(self.objective, "bidirectional")
         if self.attention != attention:
             raise ValueError(f"objective {self.objective!r} needs {attention} attention")
         if self.excluded_token_ids is None:

@@ -1,5 +1,5 @@
-"""A diffusion (MDLM, Duo, GIDD) or autoregressive language model trained with dlm-pretrain, loaded
-with `AutoModelForMaskedLM` / `AutoModelForCausalLM.from_pretrained(folder,
+"""A diffusion (MDLM, Duo, GIDD, Eso-LM) or autoregressive language model trained with
+dlm-pretrain, loaded with `AutoModelForMaskedLM` / `AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`, and its samplers.
 
 Standalone: this file imports only torch, transformers and its two neighbours (the
@@ -14,6 +14,8 @@ parameter names and qkv rows in the reference's [3, H, d_head] order:
     logits = Linear(LN(x) (1 + scale) + shift)
 
 LayerNorms and the residual stream run in float32, the matmuls in the weights' dtype.
+Attention is bidirectional, causal (AR) or sorted (Eso-LM, §5.6): the tokens come in a
+per-sequence order, each rotated at its original position, each seeing itself and those before.
 
 The samplers (sampling_dlm.py) repeat dlm-pretrain's draw for draw, so the same seed gives
 the same tokens as `dlm sample` (a test in dlm-pretrain holds them equal).
@@ -67,13 +69,13 @@ class TimestepEmbedder(nn.Module):
         return F.silu(self.mlp(features.to(self.mlp[0].weight.dtype)))
 
 
-def _rotary(start: int, length: int, head_dim: int, base: float, device) -> tuple[Tensor, Tensor]:
-    """cos, sin [length, d_head] f32 for positions start.., rotate-half (GPT-NeoX) pairing."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
-    inv_freq = 1.0 / base**exponents
-    positions = torch.arange(start, start + length, dtype=torch.float32, device=device)
-    angles = torch.outer(positions, inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
+def _rotary(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, l, d_head] f32 at positions [B, l] int64 (broadcast over the heads),
+    rotate-half (GPT-NeoX) pairing."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+    inv_freq = 1.0 / base ** (exponents / head_dim)
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
     return angles.cos(), angles.sin()
 
 
@@ -89,7 +91,8 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of one block for incremental causal decoding. [B, H, length, d_head]"""
+    """Keys and values of one block's committed tokens for incremental causal decoding.
+    [B, H, length, d_head]"""
 
     def __init__(self) -> None:
         self.k: Tensor | None = None
@@ -99,10 +102,15 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+    def append(self, k: Tensor, v: Tensor, keep: int | None = None) -> tuple[Tensor, Tensor]:
+        """The cached keys and values followed by the new ones. Only the first `keep` new ones
+        (all by default) stay cached: an Eso-LM window ends in masks, whose keys must not
+        outlive the call."""
+        k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        committed = k.shape[2] if keep is None else self.length + keep
+        self.k, self.v = k[:, :, :committed], v[:, :, :committed]
+        return k, v
 
 
 class DDiTBlock(nn.Module):
@@ -112,7 +120,8 @@ class DDiTBlock(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.n_heads, self.head_dim = config.n_heads, d // config.n_heads
-        self.rotary_base, self.causal = config.rotary_base, config.attention == "causal"
+        self.rotary_base = config.rotary_base
+        self.causal = config.attention != "bidirectional"  # sorted: causal over the slots
         self.norm1 = LayerNorm(d, config.layer_norm_eps)
         self.attn_qkv = nn.Linear(d, 3 * d, bias=False)  # rows [3, H, d_head]
         self.attn_out = nn.Linear(d, d, bias=False)
@@ -122,27 +131,38 @@ class DDiTBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * d)
 
-    def forward(self, x: Tensor, cond: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cond: Tensor,
+        positions: Tensor,
+        cache: KVCache | None = None,
+        keep: int | None = None,
+    ) -> Tensor:
         modulation = self.adaLN_modulation(cond)[:, None].float()
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
-        attention = self._attention(_modulate(self.norm1(x), shift1, scale1), cache)
+        h = _modulate(self.norm1(x), shift1, scale1)
+        attention = self._attention(h, positions, cache, keep)
         x = x + gate1 * attention.float()
         h = _modulate(self.norm2(x), shift2, scale2).to(self.mlp[0].weight.dtype)
         return x + gate2 * self.mlp(h).float()
 
-    def _attention(self, h: Tensor, cache: KVCache | None) -> Tensor:
-        """h [B, l, d] f32 at positions cache.length.. (0 without a cache) -> [B, l, d]"""
+    def _attention(
+        self, h: Tensor, positions: Tensor, cache: KVCache | None, keep: int | None
+    ) -> Tensor:
+        """h [B, l, d] f32 at positions [B, l] int64 -> [B, l, d]; `keep` as in
+        KVCache.append."""
         batch, seq, d = h.shape
-        start = 0 if cache is None else cache.length
         qkv = self.attn_qkv(h.to(self.attn_qkv.weight.dtype))
         qkv = qkv.view(batch, seq, 3, self.n_heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, l, d_head]
-        cos, sin = _rotary(start, seq, self.head_dim, self.rotary_base, h.device)
+        cos, sin = _rotary(positions, self.head_dim, self.rotary_base)
         q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         mask = None
         if cache is not None:
-            k, v = cache.append(k, v)
-            # queries at start..start+l-1 see every cached key and, causally, the new ones
+            start = cache.length
+            k, v = cache.append(k, v, keep)
+            # the l queries see every cached key and, causally, the new ones
             mask = torch.ones(seq, start + seq, dtype=torch.bool, device=h.device).tril(start)
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=self.causal and cache is None
@@ -166,8 +186,10 @@ class DDitFinalLayer(nn.Module):
 
 
 class DLMBackbone(nn.Module):
-    """tokens [B, l] int64, s [B] -> logits [B, l, V]; with `caches` (causal models), the
-    tokens continue the cached ones."""
+    """tokens [B, l] int64, s [B] -> logits [B, l, V]. The tokens sit at `positions` [B, l]
+    int64 (sorted attention: causal over the given order), or after the cached ones (0.. without
+    caches). With `caches` (causal and sorted models) they see every cached token, and only the
+    first `keep` (all by default) are cached."""
 
     def __init__(self, config: DLMConfig) -> None:
         super().__init__()
@@ -176,12 +198,27 @@ class DLMBackbone(nn.Module):
         self.blocks = nn.ModuleList(DDiTBlock(config) for _ in range(config.n_layers))
         self.output_layer = DDitFinalLayer(config)
 
-    def forward(self, tokens: Tensor, s: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        s: Tensor,
+        positions: Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        keep: int | None = None,
+    ) -> Tensor:
+        if positions is None:
+            start = 0 if caches is None else caches[0].length
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            positions = positions.expand_as(tokens)
         x = self.vocab_embed(tokens).float()
         cond = self.sigma_map(s)
         for i, block in enumerate(self.blocks):
-            x = block(x, cond, None if caches is None else caches[i])
+            x = block(x, cond, positions, None if caches is None else caches[i], keep)
         return self.output_layer(x, cond)
+
+    def caches(self) -> list[KVCache]:
+        """Empty caches, one per block, for incremental decoding."""
+        return [KVCache() for _ in self.blocks]
 
 
 class DLMPreTrainedModel(PreTrainedModel):
@@ -194,14 +231,20 @@ class DLMPreTrainedModel(PreTrainedModel):
         self.backbone = DLMBackbone(config)
         self.post_init()
 
-    def _logits(self, input_ids: Tensor, timesteps: Tensor | None, attention_mask) -> Tensor:
+    def _logits(
+        self,
+        input_ids: Tensor,
+        timesteps: Tensor | None,
+        attention_mask,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded batches are not supported: the model was trained unpadded")
         t = torch.zeros(input_ids.shape[0], device=input_ids.device)
         if timesteps is not None:
             t = torch.as_tensor(timesteps, dtype=torch.float32, device=input_ids.device)
             t = t.expand(input_ids.shape[0])
-        return self.backbone(input_ids, self._time_input(t))
+        return self.backbone(input_ids, self._time_input(t), positions)
 
     def _time_input(self, t: Tensor) -> Tensor:
         """The scalar the conditioning sees: sigma_t for Duo, t for GIDD, 0 otherwise.
@@ -234,18 +277,23 @@ class DLMPreTrainedModel(PreTrainedModel):
 
 
 class DLMForMaskedLM(DLMPreTrainedModel):
-    """MDLM, Duo and GIDD: bidirectional denoisers of all L positions at once."""
+    """MDLM, Duo and GIDD: bidirectional denoisers of all L positions at once; Eso-LM: a
+    denoiser causal over a per-sequence order of the positions."""
 
     def forward(
         self,
         input_ids: Tensor,
         timesteps: Tensor | float | None = None,
         attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> MaskedLMOutput:
         """input_ids [B, L] int64; timesteps: the diffusion time t in [0, 1] per sequence
-        ([B] or a scalar; Duo sees sigma_t, GIDD t, MDLM ignores it; default 0)
-        -> logits [B, L, V]"""
-        return MaskedLMOutput(logits=self._logits(input_ids, timesteps, attention_mask))
+        ([B] or a scalar; Duo sees sigma_t, GIDD t, MDLM and Eso-LM ignore it; default 0);
+        positions [B, L] int64: Eso-LM's order, each slot's original position (slot j is
+        rotated at positions[:, j] and sees slots <= j; training put the clean tokens first;
+        default 0..L-1) -> logits [B, L, V]"""
+        logits = self._logits(input_ids, timesteps, attention_mask, positions)
+        return MaskedLMOutput(logits=logits)
 
     @torch.no_grad()
     def sample(
@@ -287,11 +335,11 @@ class DLMForCausalLM(DLMPreTrainedModel):
         token with keys and values cached. -> [num_samples, seq_len] int64, EOS first"""
         _, top_p, seed, seq_len = self._defaults(None, top_p, seed, seq_len)
         generator = torch.Generator().manual_seed(seed)
-        caches = [KVCache() for _ in self.backbone.blocks]
+        caches = self.backbone.caches()
         eos = self.config.eos_token_id
         tokens = torch.full((num_samples, 1), eos, dtype=torch.int64, device=self.device)
         s = torch.zeros(num_samples, device=self.device)
         for _ in range(seq_len - 1):
-            p = self._denoiser(self.backbone(tokens[:, -1:], s, caches)[:, -1], top_p)
+            p = self._denoiser(self.backbone(tokens[:, -1:], s, caches=caches)[:, -1], top_p)
             tokens = torch.cat([tokens, categorical(p, generator).unsqueeze(1)], dim=1)
         return tokens

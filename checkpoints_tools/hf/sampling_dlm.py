@@ -95,7 +95,33 @@ def sample_interpolating(
     return x
 
 
-SAMPLERS = {"mdlm": sample_masked, "duo": sample_uniform, "gidd": sample_interpolating}
+def sample_sorted(model, n: int, seq_len: int, steps: int, top_p: float, generator) -> Tensor:
+    """Eso-LM: a random order per sample, then slots decoded front to back, as many per step
+    as MDLM's schedule reveals (one count per step for the whole batch, so the caches stay
+    aligned), each a draw from x̂. A step runs the slots decoded at the step before (committing
+    their keys and values) and the slots it decodes."""
+    device = model.device
+    order = torch.stack([torch.randperm(seq_len, generator=generator) for _ in range(n)])
+    order = order.to(device)
+    tokens = torch.full((n, seq_len), model.config.mask_token_id, dtype=torch.int64, device=device)
+    s0, caches = torch.zeros(n, device=device), model.backbone.caches()
+    start = previous = 0
+    for count in _decode_counts(model, seq_len, steps, generator):
+        end = start + count
+        window = slice(start - previous, end)
+        logits = model.backbone(tokens[:, window], s0, order[:, window], caches, keep=previous)
+        p = model._denoiser(logits[:, previous:], top_p)
+        tokens[:, start:end] = categorical(p, generator)
+        start, previous = end, count
+    return torch.empty_like(tokens).scatter_(1, order, tokens)
+
+
+SAMPLERS = {
+    "mdlm": sample_masked,
+    "duo": sample_uniform,
+    "gidd": sample_interpolating,
+    "esolm": sample_sorted,
+}
 
 
 def _grid(start: float, end: float, steps: int) -> list[float]:
@@ -105,6 +131,21 @@ def _grid(start: float, end: float, steps: int) -> list[float]:
 def _alpha(model, t: float) -> float:
     """alpha_t = 1 - (1 - eps) t, the log-linear schedule."""
     return 1 - (1 - model.config.schedule_eps) * t
+
+
+def _decode_counts(model, seq_len: int, steps: int, generator) -> list[int]:
+    """How many slots each Eso-LM step decodes: MDLM's reveal probability
+    (alpha_s - alpha_t) / (1 - alpha_t) on each remaining slot, drawn once for the batch; the
+    last step takes the rest; steps that decode nothing are skipped."""
+    grid = _grid(1.0, model.config.sampling_t_min, steps)
+    counts, remaining = [], seq_len
+    for i in range(steps):
+        a_t, a_s = _alpha(model, grid[i]), _alpha(model, grid[i + 1])
+        u = host_uniform((remaining,), generator, "cpu")
+        counts.append(int((u < (a_s - a_t) / (1 - a_t)).sum()))
+        remaining -= counts[-1]
+    counts.append(remaining)
+    return [count for count in counts if count > 0]
 
 
 def _mixing(c, t: float) -> float:
