@@ -36,7 +36,7 @@ class ModelSizeConfig(Section):
 class ObjectiveConfig(Section):
     name: Literal[tuple(OBJECTIVES)] = Field(default="mdlm", description="training objective")
     loss_type: Literal[LOSS_TYPES] = Field(
-        default="cross_entropy", description="MDLM training loss"
+        default="cross_entropy", description="MDLM and Eso-LM training loss"
     )
     p_uniform: float = Field(
         default=0.1, ge=0, lt=1, description="GIDD: uniform noise share at t = 1/2"
@@ -130,6 +130,7 @@ class SamplingConfig(Section):
     num_samples: int = Field(default=4, ge=1, description="sequences to generate")
     top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus mass kept (1: no filtering)")
     seed: int = Field(default=0, ge=0, description="seed of the sampling draws")
+    kv_cache: bool = Field(default=True, description="Eso-LM: keep decoded tokens' keys, values")
 
 
 class RunConfig(Section):

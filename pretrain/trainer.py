@@ -62,10 +62,11 @@ def _noised_micro_batches(
     first_step: int,
     device: torch.device,
 ) -> Iterator[tuple]:
-    """((xt, s), (x0, xt, t)) per micro-batch on `device`: DeepSpeed hands the inputs to the
-    first stage and the labels to the last, each of which runs this generator over the same
-    data and so draws the same noise without communicating. Row p of the global batch owns
-    stratum p of t: data rank r, micro-step m holds rows r*G/dp + m*b + [0, b).
+    """(inputs, labels) per micro-batch on `device`, as Objective.batch builds them: DeepSpeed
+    hands the inputs to the first stage and the labels to the last, each of which runs this
+    generator over the same data and so draws the same noise without communicating. Row p of
+    the global batch owns stratum p of t: data rank r, micro-step m holds rows
+    r*G/dp + m*b + [0, b).
 
     The batch is the step's only host-to-device copy; t and the noise are drawn on the
     device (the Triton noising kernel on CUDA)."""
@@ -77,8 +78,7 @@ def _noised_micro_batches(
         batch = batch.to(device)
         rows = torch.arange(first_row + micro * b, first_row + (micro + 1) * b, device=device)
         t = sample_t(objective.seed, step, rows, g, objective.t_max)
-        xt = objective.noise(batch.tokens, t, batch.sample_ids, vocab)
-        yield (xt, objective.time_input(t)), (batch.tokens, xt, t)
+        yield objective.batch(batch.tokens, t, batch.sample_ids, vocab)
 
 
 @torch.no_grad()
@@ -111,10 +111,10 @@ def validate(
         batch = batch.to(device)
         ids = batch.sample_ids
         t = sample_t(objective.seed, step, ids % g, g, objective.t_max)
-        xt = objective.noise(batch.tokens, t, ids, vocab)
-        logits = forward_through_stages(module, (xt, objective.time_input(t)), model_cfg, groups)
+        inputs, labels = objective.batch(batch.tokens, t, ids, vocab)
+        logits = forward_through_stages(module, inputs, model_cfg, groups)
         if logits is not None:  # the last stage
-            losses = objective.validation_loss(logits, batch.tokens, xt, t, vocab, groups.tp_group)
+            losses = objective.validation_loss(logits, *labels, vocab, groups.tp_group)
             total[0] += losses.double().sum()
             total[1] += losses.numel()
     module.train()

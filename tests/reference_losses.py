@@ -137,6 +137,8 @@ TRAINING = {
     "gidd-dynamic": gidd(0.1, 1.0, "dynamic"),
     "gidd-clip": gidd(0.1, 1.0, "clip"),
     "gidd-elbo": gidd(0.2, 1.5, "elbo"),
+    "esolm-elbo": mdlm_elbo,  # alpha_0 = 1: MDLM's losses, in sorted space
+    "esolm-ce": mdlm_cross_entropy,
 }
 VALIDATION = {
     "ar": ar,
@@ -146,4 +148,6 @@ VALIDATION = {
     "gidd-dynamic": gidd(0.1, 1.0, "elbo"),
     "gidd-clip": gidd(0.1, 1.0, "elbo"),
     "gidd-elbo": gidd(0.2, 1.5, "elbo"),
+    "esolm-elbo": mdlm_elbo,
+    "esolm-ce": mdlm_elbo,
 }

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
-@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd"])
+@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd", "esolm"])
 def test_analytic_forward_flops_match_the_flop_counter(objective):
     """Within 2%: the counter sees matmuls only (not the loss's elementwise work), and the math
     attention kernel it can count computes the full score matrix even when causal, so the
@@ -37,9 +37,9 @@ def test_analytic_forward_flops_match_the_flop_counter(objective):
     vocab = Vocab.build(cfg.vocab_size, mask_id=4)
     x0 = torch.randint(5, cfg.vocab_size, (1, cfg.seq_len))
     t = torch.tensor([0.5])
+    inputs, labels = spec.batch(x0, t, torch.tensor([0]), vocab)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        logits = model((x0, spec.time_input(t)))
-        spec.per_token_loss(logits, x0, x0, t, vocab).mean()
+        spec.per_token_loss(model(inputs), *labels, vocab).mean()
     counted = counter.get_total_flops()
     analytic = forward_flops_per_sequence(cfg, objective, cfg.seq_len)
     if spec.causal:

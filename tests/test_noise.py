@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dlm_pretrain.pretrain.kernels import KERNELS_ENV
-from dlm_pretrain.pretrain.objectives import GIDD, MDLM, Duo
+from dlm_pretrain.pretrain.objectives import GIDD, MDLM, Duo, EsoLM
 from dlm_pretrain.pretrain.objectives.randomness import philox4x32, philox_key, row_keys
 from dlm_pretrain.pretrain.objectives.schedule import EPS, alpha, sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -41,6 +41,23 @@ def test_xt_is_bit_identical_for_any_split(name):
     assert not torch.equal(reference, _global_batch()[0]), "nothing was noised"
     for dp_size, micro in [(2, 8), (4, 4), (4, 1), (1, 2)]:
         assert torch.equal(_noised(name, dp_size, micro), reference)
+
+
+def test_eso_lm_order_is_bit_identical_for_any_split():
+    """Eso-LM's sorted batch (tokens and positions) is a function of the sample, not of the
+    split, as the noise is."""
+    x0, sample_ids = _global_batch()
+    esolm = EsoLM(seed=SEED)
+
+    def sorted_inputs(rows):
+        t = sample_t(SEED, STEP, rows, G)
+        xt, _, positions = esolm.batch(x0[rows], t, sample_ids[rows], VOCAB)[0]
+        return torch.cat([xt, positions], dim=1)
+
+    whole = sorted_inputs(torch.arange(G))
+    for micro in (1, 4, 8):
+        pieces = [sorted_inputs(torch.arange(i, i + micro)) for i in range(0, G, micro)]
+        assert torch.equal(torch.cat(pieces), whole)
 
 
 def test_t_is_stratified_over_the_global_batch():

@@ -19,7 +19,16 @@ import pytest
 import reference_losses as ref
 import torch
 from dlm_pretrain.common.errors import ConfigError
-from dlm_pretrain.pretrain.objectives import AR, GIDD, MDLM, OBJECTIVES, Duo, build_objective
+from dlm_pretrain.pretrain.objectives import (
+    AR,
+    GIDD,
+    MDLM,
+    OBJECTIVES,
+    Duo,
+    EsoLM,
+    build_objective,
+)
+from dlm_pretrain.pretrain.objectives.mdlm import LOSS_TYPES
 from dlm_pretrain.pretrain.objectives.schedule import EPS
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
@@ -35,6 +44,8 @@ CASES = {
     "gidd-dynamic": GIDD(seed=5, p_uniform=0.1),
     "gidd-clip": GIDD(seed=5, p_uniform=0.1, loss_weighting="clip"),
     "gidd-elbo": GIDD(seed=5, p_uniform=0.2, gamma=1.5, loss_weighting="elbo"),
+    "esolm-elbo": EsoLM(seed=5, loss_type="elbo"),
+    "esolm-ce": EsoLM(seed=5, loss_type="cross_entropy"),
 }
 # else 1e-5; see the module docstring (GIDD's gradient is Duo's statistics')
 GRAD_TOLERANCE = {"duo": 1e-4} | {case: 1e-4 for case in CASES if case.startswith("gidd")}
@@ -48,7 +59,8 @@ def noised_inputs(case: str, seed: int, vocab: Vocab, shape=(B, L), dtype=torch.
     logits = (torch.randn(*shape, vocab.size, generator=g) * 3).to(dtype)
     x0 = vocab.real_ids[torch.randint(vocab.num_real, shape, generator=g)]
     others = vocab.real_ids[torch.randint(vocab.num_real, shape, generator=g)]
-    replacement = torch.full_like(x0, vocab.mask_id) if case.startswith("mdlm") else others
+    masks = case.startswith(("mdlm", "esolm"))
+    replacement = torch.full_like(x0, vocab.mask_id) if masks else others
     u = torch.rand(shape, generator=g)
     xt = torch.where(u < 0.5, replacement, x0)
     if case.startswith("gidd"):
@@ -235,3 +247,26 @@ def test_gidd_refuses_options_outside_their_range():
         GIDD(loss_weighting="none")
     with pytest.raises(ConfigError, match=r"objective\.p_uniform=1"):
         GIDD(p_uniform=1)
+
+
+def test_eso_lm_batch_is_mdlm_noise_sorted_clean_first():
+    """alpha_0 = 1: the inputs are MDLM's xt on the same draws, each row permuted so that its
+    clean tokens come first; targets and positions follow the same permutation, so the
+    per-token losses are MDLM's, permuted, and their sum is MDLM's."""
+    logits, x0, _, t, _ = noised_inputs("esolm-elbo", 9, VOCAB)
+    ids = torch.arange(B) + 100
+    (xt, s, positions), (x0_sorted, xt_again, t_again) = EsoLM(seed=5).batch(x0, t, ids, VOCAB)
+    natural = MDLM(seed=5).noise(x0, t, ids, VOCAB)
+    assert torch.equal(positions.sort(1).values, torch.arange(L).expand(B, L))
+    assert torch.equal(xt, natural.gather(1, positions)) and xt is xt_again and t is t_again
+    assert torch.equal(x0_sorted, x0.gather(1, positions)) and (s == 0).all()
+    masked = xt == VOCAB.mask_id
+    assert masked.any() and (~masked).any()
+    assert torch.equal(masked, masked.long().sort(1).values.bool())  # clean, then masked
+    sorted_logits = logits.gather(1, positions[..., None].expand_as(logits))
+    for loss_type in LOSS_TYPES:
+        eso = EsoLM(loss_type=loss_type).per_token_loss(sorted_logits, x0_sorted, xt, t, VOCAB)
+        mdlm = MDLM(loss_type=loss_type).per_token_loss(logits, x0, natural, t, VOCAB)
+        assert torch.equal(eso, mdlm.gather(1, positions))
+    other = EsoLM(seed=6).batch(x0, t, ids, VOCAB)[0][2]
+    assert not torch.equal(other, positions)  # the order is drawn, not fixed

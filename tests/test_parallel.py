@@ -47,8 +47,9 @@ TRAININGS = {name: [f"objective.name={name}"] for name in OBJECTIVES}
 TRAININGS["mdlm-dropout"] = ["objective.name=mdlm", "model.dropout=0.2"]
 LAYOUTS = {  # name -> (processes, data-parallel size, overrides, trainings)
     "tp2": (2, 1, ["parallel.tensor=2"], tuple(TRAININGS)),
-    "pp2": (2, 1, ["parallel.pipeline=2"], ("duo", "gidd")),  # the time input crosses stages
-    "tp2xpp2": (4, 1, ["parallel.tensor=2", "parallel.pipeline=2"], ("mdlm", "gidd")),
+    # the time input (Duo, GIDD) and Eso-LM's positions cross the stages
+    "pp2": (2, 1, ["parallel.pipeline=2"], ("duo", "gidd", "esolm")),
+    "tp2xpp2": (4, 1, ["parallel.tensor=2", "parallel.pipeline=2"], ("mdlm", "gidd", "esolm")),
     "tp2xdp2": (4, 2, ["parallel.tensor=2"], ("ar", "gidd")),
 }
 

@@ -11,7 +11,7 @@ from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain.config import SamplingConfig
-from dlm_pretrain.pretrain.objectives import AR, GIDD, MDLM, Duo
+from dlm_pretrain.pretrain.objectives import AR, GIDD, MDLM, Duo, EsoLM
 from dlm_pretrain.pretrain.objectives.draws import categorical, nucleus
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -54,8 +54,14 @@ def _pattern_score(tokens: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     "objective",
     # the paper's MDLM loss; GIDD's default training weights
-    [AR(seed=7), MDLM(seed=7, loss_type="cross_entropy"), Duo(seed=7), GIDD(seed=7)],
-    ids=["ar", "mdlm", "duo", "gidd"],
+    [
+        AR(seed=7),
+        MDLM(seed=7, loss_type="cross_entropy"),
+        Duo(seed=7),
+        GIDD(seed=7),
+        EsoLM(seed=7, loss_type="cross_entropy"),
+    ],
+    ids=["ar", "mdlm", "duo", "gidd", "esolm"],
 )
 def test_trained_model_samples_reproduce_the_pattern(objective):
     groups = init_process_groups(ParallelConfig(), Runtime.detect())
@@ -67,22 +73,22 @@ def test_trained_model_samples_reproduce_the_pattern(objective):
     for step in range(300):
         x0 = _batch(g, batch)
         t = sample_t(7, step, torch.arange(batch), batch, objective.t_max)
-        xt = objective.noise(x0, t, torch.arange(batch) + step * batch, VOCAB)
-        logits = model((xt, objective.time_input(t)))
-        loss = objective.per_token_loss(logits, x0, xt, t, VOCAB).mean()
+        inputs, labels = objective.batch(x0, t, torch.arange(batch) + step * batch, VOCAB)
+        loss = objective.per_token_loss(model(inputs), *labels, VOCAB).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    samples = generate(
-        objective,
-        model.forward_funcs,
-        VOCAB,
-        SamplingConfig(steps=128, num_samples=8),
-        L,
-        start_id=int(CYCLE[0]),
-    )
+    sampling = SamplingConfig(steps=128, num_samples=8)
+    samples = generate(objective, model.forward_funcs, VOCAB, sampling, L, int(CYCLE[0]))
     assert samples.tokens.shape == (8, L)
     assert torch.isin(samples.tokens, VOCAB.real_ids).all()
     # random ids score ~1/12; MDLM reveals some tokens in parallel before it has context,
-    # so a few neighbours disagree even with a well-trained model (~0.85 seen here)
-    assert _pattern_score(samples.tokens) > 0.7
+    # so a few neighbours disagree even with a well-trained model (~0.85 seen here). Eso-LM's
+    # causal denoiser learns slower where few tokens are clean (the first slots it decodes:
+    # 56% right given one clean token, 100% given eight, after these steps): ~0.6 seen here.
+    assert _pattern_score(samples.tokens) > (0.5 if isinstance(objective, EsoLM) else 0.7)
+    if isinstance(objective, EsoLM):  # the cached windows give the whole sequence's draws
+        uncached = SamplingConfig(steps=128, num_samples=8, kv_cache=False)
+        full = generate(objective, model.forward_funcs, VOCAB, uncached, L, int(CYCLE[0]))
+        assert torch.equal(full.tokens, samples.tokens)
+        assert full.forward_passes == samples.forward_passes <= 129

@@ -57,7 +57,7 @@ def test_two_steps_train_validate_sample_and_save(dataset, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd"])
+@pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd", "esolm"])
 def test_loss_falls_for_each_objective(dataset, tmp_path, objective):
     extra = ("train.steps=40", "train.val_every=40", "train.checkpoint_every=40")
     run_dir = _train(dataset, tmp_path / objective, f"objective.name={objective}", *extra)

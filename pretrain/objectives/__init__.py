@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from dlm_pretrain.pretrain.objectives.ar import AR
 from dlm_pretrain.pretrain.objectives.duo import Duo
+from dlm_pretrain.pretrain.objectives.esolm import EsoLM
 from dlm_pretrain.pretrain.objectives.gidd import GIDD
 from dlm_pretrain.pretrain.objectives.mdlm import MDLM
 from dlm_pretrain.pretrain.objectives.objective import Objective
@@ -18,7 +19,13 @@ from dlm_pretrain.pretrain.objectives.objective import Objective
 if TYPE_CHECKING:  # pretrain.config imports this package
     from dlm_pretrain.pretrain.config import ObjectiveConfig
 
-OBJECTIVES: dict[str, type[Objective]] = {"ar": AR, "mdlm": MDLM, "duo": Duo, "gidd": GIDD}
+OBJECTIVES: dict[str, type[Objective]] = {
+    "ar": AR,
+    "mdlm": MDLM,
+    "duo": Duo,
+    "gidd": GIDD,
+    "esolm": EsoLM,
+}
 
 
 def build_objective(cfg: ObjectiveConfig) -> Objective:

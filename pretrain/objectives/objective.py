@@ -69,6 +69,15 @@ class Objective(ABC):
         """xt, keyed by (seed, global sample index, position). x0 [B, L], t [B], sample_ids
         [B] -> [B, L] int64 on x0's device"""
 
+    def batch(
+        self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]:
+        """One micro-batch: the model's inputs (xt, s, and any positions the attention
+        pattern takes) and the loss's labels (x0, xt, t). The trainer and validation build
+        every batch here."""
+        xt = self.noise(x0, t, sample_ids, vocab)
+        return (xt, self.time_input(t)), (x0, xt, t)
+
     @abstractmethod
     def time_input(self, t: Tensor) -> Tensor:
         """The scalar s the adaLN conditioning sees. [B] -> [B]"""

@@ -20,6 +20,7 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 STREAM_TIME = 1  # t of each row of the global batch
 STREAM_CORRUPT = 2  # per-token corruption
 STREAM_SAMPLER = 3  # sampling steps
+STREAM_ORDER = 4  # Eso-LM's order of the tokens within a sequence
 
 
 def _mix64(x: int) -> int:
