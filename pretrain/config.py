@@ -15,7 +15,7 @@ from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.data_pipeline.config import DataConfig
 from dlm_pretrain.parallel.config import SIZES, ParallelConfig
 from dlm_pretrain.pretrain.flops import CONVENTIONS
-from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives import OBJECTIVES, build_objective
 from dlm_pretrain.pretrain.objectives.gidd import LOSS_WEIGHTINGS
 from dlm_pretrain.pretrain.objectives.mdlm import LOSS_TYPES
 from pydantic import Field, model_validator
@@ -44,6 +44,12 @@ class ObjectiveConfig(Section):
     gamma: float = Field(default=1.0, gt=0, le=2, description="GIDD: mixing schedule exponent")
     loss_weighting: Literal[LOSS_WEIGHTINGS] = Field(
         default="dynamic", description="GIDD training weights (validation: the ELBO)"
+    )
+    alpha_0: float = Field(
+        default=1.0, ge=0, le=1, description="Eso-LM: clean share where diffusion ends"
+    )
+    batch_split: float = Field(
+        default=1.0, ge=0, le=1, description="Eso-LM: share of rows in the diffusion branch"
     )
     seed: int = Field(default=0, ge=0, description="seed of t and of the corruption")
 
@@ -157,6 +163,15 @@ class RunConfig(Section):
             raise ConfigError(
                 f"model.size={self.model.size} has {layers} layers, fewer than "
                 f"parallel.pipeline={pp} stages; use at most {layers} stages"
+            )
+        objective = build_objective(self.objective)
+        split = getattr(objective, "split", None)
+        if split is not None and self.train.micro_batch % split.denominator:
+            raise ConfigError(
+                f"objective.batch_split={self.objective.batch_split} puts {split.numerator} of "
+                f"every {split.denominator} rows in the diffusion branch, which "
+                f"train.micro_batch={self.train.micro_batch} cannot hold; use a micro_batch "
+                f"that is a multiple of {split.denominator}"
             )
         return self
 

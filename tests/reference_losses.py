@@ -128,6 +128,23 @@ def gidd(p_u: float, gamma: float, weighting: str):
     return loss
 
 
+def esolm(alpha_0: float, loss_type: str):
+    """docs/algorithms.md §4.4 on a sorted micro-batch whose sequential rows have t = 0: CE on
+    masked tokens, diffusion rows weighted by -alpha'/(1 - alpha) of alpha = alpha_0 (1 -
+    (1 - EPS) t) for the ELBO, each branch's rows scaled by B / (rows of the branch)."""
+
+    def loss(logits, x0, xt, t, vocab: Vocab) -> Tensor:
+        ce = mdlm_cross_entropy(logits, x0, xt, t, vocab)
+        t = t.double()[:, None]
+        sequential = t == 0
+        elbo = alpha_0 * (1 - EPS) / (1 - alpha_0 * alpha(t))
+        weight = torch.where(sequential, 1.0, elbo if loss_type == "elbo" else 1.0)
+        rows = torch.where(sequential, sequential.sum(), (~sequential).sum())
+        return ce * weight * len(t) / rows
+
+    return loss
+
+
 # Per test case (test_objectives.CASES): the training loss and the validation bound.
 TRAINING = {
     "ar": ar,

@@ -258,7 +258,8 @@ def test_eso_lm_batch_is_mdlm_noise_sorted_clean_first():
     (xt, s, positions), (x0_sorted, xt_again, t_again) = EsoLM(seed=5).batch(x0, t, ids, VOCAB)
     natural = MDLM(seed=5).noise(x0, t, ids, VOCAB)
     assert torch.equal(positions.sort(1).values, torch.arange(L).expand(B, L))
-    assert torch.equal(xt, natural.gather(1, positions)) and xt is xt_again and t is t_again
+    assert torch.equal(xt, natural.gather(1, positions)) and torch.equal(xt, xt_again)
+    assert torch.equal(t, t_again)
     assert torch.equal(x0_sorted, x0.gather(1, positions)) and (s == 0).all()
     masked = xt == VOCAB.mask_id
     assert masked.any() and (~masked).any()
@@ -270,3 +271,33 @@ def test_eso_lm_batch_is_mdlm_noise_sorted_clean_first():
         assert torch.equal(eso, mdlm.gather(1, positions))
     other = EsoLM(seed=6).batch(x0, t, ids, VOCAB)[0][2]
     assert not torch.equal(other, positions)  # the order is drawn, not fixed
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_eso_lm_both_branches_match_the_float64_reference(loss_type):
+    """alpha_0 = batch_split = 1/2: half the rows diffuse (alpha_0-scaled schedule), half are
+    sequential (z_0 masks a half, left to right, beside the clean x). The inputs hold
+    [diffusion | z-halves | x-halves]; the losses and gradients equal the reference, whose
+    token mean is the sum of the two branches' token means."""
+    esolm = EsoLM(seed=3, loss_type=loss_type, alpha_0=0.5, batch_split=0.5)
+    _, x0, _, t, weights = noised_inputs("esolm-elbo", 10, VOCAB)
+    inputs, (x0_sorted, xt, t_rows) = esolm.batch(x0, t, torch.arange(B), VOCAB)
+    tokens, s, pos_d, pos_s = inputs
+    assert s.shape == (B + B // 2,) and (s == 0).all()
+    half = B // 2
+    assert tokens.shape == (B + half, L) and pos_d.shape == pos_s.shape == (half, L)
+    assert torch.equal(t_rows, torch.cat([t[0::2], torch.zeros(half)]))  # rows 0, 2, 4 diffuse
+    assert torch.equal(tokens[B:], x0[1::2].gather(1, pos_s))  # x-halves: the true tokens
+    z_masked = tokens[half:B] == VOCAB.mask_id
+    masked_positions = torch.where(z_masked, pos_s, -1)
+    assert torch.equal(masked_positions.sort(1).values, masked_positions.cummax(1).values)
+    assert 0.3 < z_masked.float().mean() < 0.7 and torch.equal(xt[half:], tokens[half:B])
+    logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(4)) * 3
+    inputs = (logits, x0_sorted, xt, t_rows, weights)
+    loss, grad = loss_and_grad(esolm.per_token_loss, *inputs, VOCAB)
+    expected, expected_grad = reference_loss_and_grad(ref.esolm(0.5, loss_type), *inputs, VOCAB)
+    assert relative_error(loss.unsqueeze(-1), expected.unsqueeze(-1)) < 1e-5
+    assert relative_error(grad, expected_grad) < 1e-5
+    unscaled = expected / 2  # each branch holds half of the rows
+    branch_means = unscaled[:half].mean() + unscaled[half:].mean()
+    assert torch.isclose(loss.double().mean(), branch_means, rtol=1e-6)

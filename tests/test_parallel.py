@@ -45,11 +45,22 @@ SETTINGS = [
 # name -> its overrides: each objective, and MDLM with dropout
 TRAININGS = {name: [f"objective.name={name}"] for name in OBJECTIVES}
 TRAININGS["mdlm-dropout"] = ["objective.name=mdlm", "model.dropout=0.2"]
+# both Eso-LM branches: diffusion rows and sequential rows' 2L-token pairs
+TRAININGS["esolm-split"] = [
+    "objective.name=esolm",
+    "objective.alpha_0=0.5",
+    "objective.batch_split=0.5",
+]
 LAYOUTS = {  # name -> (processes, data-parallel size, overrides, trainings)
     "tp2": (2, 1, ["parallel.tensor=2"], tuple(TRAININGS)),
     # the time input (Duo, GIDD) and Eso-LM's positions cross the stages
-    "pp2": (2, 1, ["parallel.pipeline=2"], ("duo", "gidd", "esolm")),
-    "tp2xpp2": (4, 1, ["parallel.tensor=2", "parallel.pipeline=2"], ("mdlm", "gidd", "esolm")),
+    "pp2": (2, 1, ["parallel.pipeline=2"], ("duo", "gidd", "esolm-split")),
+    "tp2xpp2": (
+        4,
+        1,
+        ["parallel.tensor=2", "parallel.pipeline=2"],
+        ("mdlm", "gidd", "esolm-split"),
+    ),
     "tp2xdp2": (4, 2, ["parallel.tensor=2"], ("ar", "gidd")),
 }
 

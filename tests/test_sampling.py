@@ -60,8 +60,9 @@ def _pattern_score(tokens: torch.Tensor) -> float:
         Duo(seed=7),
         GIDD(seed=7),
         EsoLM(seed=7, loss_type="cross_entropy"),
+        EsoLM(seed=7, loss_type="cross_entropy", alpha_0=0.5, batch_split=0.5),
     ],
-    ids=["ar", "mdlm", "duo", "gidd", "esolm"],
+    ids=["ar", "mdlm", "duo", "gidd", "esolm", "esolm-split"],
 )
 def test_trained_model_samples_reproduce_the_pattern(objective):
     groups = init_process_groups(ParallelConfig(), Runtime.detect())

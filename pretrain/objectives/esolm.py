@@ -1,77 +1,192 @@
 """Eso-LM, the interpolation between AR and masked diffusion (docs/algorithms.md §3.3, §4.4,
-§5.6, §9.3), with alpha_0 = 1: the paper's setting, its diffusion branch alone.
+§5.6, §9.3).
 
-Masked diffusion whose denoiser is causal over a per-sequence order of the tokens: every
-sequence is sorted so that its clean tokens come first (in a random order), then its masked
-ones; each slot keeps the rotary angle of its original position and sees the slots before
-it. The noise, the loss (carry-over, 1/t or none) and the ELBO are MDLM's, on the sorted
-tokens; the loss is a sum over tokens, so sorting changes no figure. Because a slot sees
-only earlier slots, the sampler decodes a few slots per step and keeps the keys and values of
-decoded tokens: each step runs only the newly decoded and the next slots.
+A denoiser that is causal over a per-sequence order of the tokens: every sequence is sorted so
+that its clean tokens come first (in a random order), then its masked ones; each slot keeps
+the rotary angle of its original position and sees the slots before it. Two branches share
+the model, over disjoint rows of every micro-batch (`batch_split` of them diffusion rows):
+- diffusion: masked diffusion with the schedule alpha_0 alpha_t, MDLM's loss on the sorted
+  tokens (a sum over tokens: sorting changes no figure);
+- sequential: each token masked with probability 1 - alpha_0, the masks sorted left to right
+  and each scored given the clean tokens and the true tokens of the masks before it: the
+  model sees 2L tokens [z_0 ; x], the z-half's masks attending to the x-half's earlier slots.
+Each branch is token-averaged over its own rows and the two are added: a Monte-Carlo estimate
+of the Eso-LM NELBO. alpha_0 = 1 (the paper's setting) is the diffusion branch alone, alpha_0
+= 0 the sequential one (AR, left to right). The sampler decodes slots front to back, keeping
+the keys and values of decoded tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.parallel.config import AttentionSpec
+from dlm_pretrain.pretrain.kernels.losses import cross_entropy
+from dlm_pretrain.pretrain.objectives.corruption import corrupt
 from dlm_pretrain.pretrain.objectives.draws import T_MIN, Samples, categorical, denoiser
 from dlm_pretrain.pretrain.objectives.mdlm import MDLM
 from dlm_pretrain.pretrain.objectives.objective import Denoiser
 from dlm_pretrain.pretrain.objectives.randomness import STREAM_ORDER, philox4x32, row_keys
-from dlm_pretrain.pretrain.objectives.schedule import alpha
+from dlm_pretrain.pretrain.objectives.schedule import EPS, alpha
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 if TYPE_CHECKING:  # pretrain.config imports this package
-    from dlm_pretrain.pretrain.config import SamplingConfig
+    from dlm_pretrain.pretrain.config import ObjectiveConfig, SamplingConfig
+
+MAX_SPLIT_DENOMINATOR = 64  # batch_split is read as a fraction n/d with d <= 64
 
 
 @dataclass(frozen=True, kw_only=True)
 class EsoLM(MDLM):
+    alpha_0: float = 1.0  # clean share where diffusion ends; 1 - alpha_0 is decoded in order
+    batch_split: float = 1.0  # share of the rows in the diffusion branch
+
     causal: ClassVar[bool] = True  # over the sorted slots (the FLOPs count half the scores)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_branch = self.alpha_0 in (0, 1) or self.batch_split in (0, 1)
+        if one_branch and self.alpha_0 != self.batch_split:
+            raise ConfigError(
+                f"objective.alpha_0={self.alpha_0} with objective.batch_split="
+                f"{self.batch_split}: alpha_0 = 1 trains only the diffusion branch and 0 only "
+                "the sequential one, so batch_split must equal it there (and lie strictly "
+                "between 0 and 1 otherwise)"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: ObjectiveConfig) -> EsoLM:
+        return cls(
+            seed=cfg.seed,
+            loss_type=cfg.loss_type,
+            alpha_0=cfg.alpha_0,
+            batch_split=cfg.batch_split,
+        )
+
+    @property
+    def split(self) -> Fraction:
+        """batch_split as n/d: in every d consecutive rows of the global batch, the first n
+        are diffusion rows (so d must divide the micro-batch)."""
+        return Fraction(self.batch_split).limit_denominator(MAX_SPLIT_DENOMINATOR)
+
     def attention_spec(self) -> AttentionSpec:
-        return AttentionSpec("sorted", diffusion_rows=True)
+        return AttentionSpec(
+            "sorted", diffusion_rows=self.alpha_0 > 0, sequential_rows=self.alpha_0 < 1
+        )
+
+    def noise(self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab) -> Tensor:
+        """The diffusion branch's: mask with probability 1 - alpha_0 alpha_t (MDLM's bits at
+        alpha_0 = 1)."""
+        p = 1 - self.alpha_0 * alpha(t)
+        return corrupt(x0, sample_ids, self.seed, vocab, corrupt_p=p, mask_p=p)
 
     def batch(
         self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]:
-        """MDLM's noise, then every row sorted: inputs (xt, s, positions) and labels
-        (x0, xt, t) in sorted order; positions [B, L] int64 holds each slot's original
-        position."""
-        xt = self.noise(x0, t, sample_ids, vocab)
-        positions = self.order(xt, sample_ids, vocab)
-        x0, xt = x0.gather(1, positions), xt.gather(1, positions)
-        return (xt, self.time_input(t), positions), (x0, xt, t)
+        """Inputs (tokens [b_d + 2 b_s, L] = [diffusion | z-halves | x-halves], s, and the
+        positions [b_d, L], [b_s, L] of the row kinds the run has) and labels (x0, xt, t)
+        of the b_d + b_s scored rows in sorted order, t = 0 marking sequential rows. Row i of
+        the micro-batch is a diffusion row iff i mod d < n (micro-batches start at multiples
+        of d, so this is the global row's kind: the same on any layout)."""
+        diffusion, sequential = self._row_kinds(x0.shape[0], x0.device)
+        x0_d, x0_s = x0[diffusion], x0[sequential]
+        zt = self.noise(x0_d, t[diffusion], sample_ids[diffusion], vocab)
+        p = torch.full_like(t[sequential], 1 - self.alpha_0)
+        z0 = corrupt(x0_s, sample_ids[sequential], self.seed, vocab, corrupt_p=p, mask_p=p)
+        pos_d = self.order(zt, sample_ids[diffusion], vocab)
+        pos_s = self.order(z0, sample_ids[sequential], vocab, masks_in_order=True)
+        zt, z0 = zt.gather(1, pos_d), z0.gather(1, pos_s)
+        x0_d, x0_s = x0_d.gather(1, pos_d), x0_s.gather(1, pos_s)
+        tokens = torch.cat([zt, z0, x0_s])
+        positions = [p for p, kept in zip((pos_d, pos_s), self._kinds(), strict=True) if kept]
+        s = torch.zeros(len(tokens), device=x0.device)
+        t = torch.cat([t[diffusion], torch.zeros_like(p)])
+        labels = (torch.cat([x0_d, x0_s]), torch.cat([zt, z0]), t)
+        return (tokens, s, *positions), labels
 
-    def order(self, xt: Tensor, sample_ids: Tensor, vocab: Vocab) -> Tensor:
+    def _kinds(self) -> tuple[bool, bool]:
+        spec = self.attention_spec()
+        return spec.diffusion_rows, spec.sequential_rows
+
+    def _row_kinds(self, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Indices of the diffusion and the sequential rows of a micro-batch, built on the
+        host from its size alone (no host sync)."""
+        n, d = self.split.numerator, self.split.denominator
+        is_diffusion = [i % d < n for i in range(rows)]
+        diffusion = [i for i, kind in enumerate(is_diffusion) if kind]
+        sequential = [i for i, kind in enumerate(is_diffusion) if not kind]
+        as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int64).to(device)  # noqa: E731
+        return as_tensor(diffusion), as_tensor(sequential)
+
+    def order(
+        self, xt: Tensor, sample_ids: Tensor, vocab: Vocab, masks_in_order: bool = False
+    ) -> Tensor:
         """The positions in sorted order: clean before masked, each group in the order of a
         Philox word keyed by (seed, sample id, position), so any split of the batch and any
-        device sort alike (integer keys, stable sort). xt [B, L] -> [B, L] int64"""
+        device sort alike (integer keys, stable sort); `masks_in_order` keeps the masks left
+        to right (the sequential branch). xt [B, L] -> [B, L] int64"""
         keys = row_keys(self.seed, STREAM_ORDER, sample_ids)
-        words = philox4x32(keys.unsqueeze(1), torch.arange(xt.shape[1], device=xt.device))[0]
-        return ((xt == vocab.mask_id).long() * 2**32 + words).argsort(dim=1, stable=True)
+        position = torch.arange(xt.shape[1], device=xt.device)
+        words = philox4x32(keys.unsqueeze(1), position)[0]
+        masked = xt == vocab.mask_id
+        if masks_in_order:
+            words = torch.where(masked, position, words)
+        return (masked.long() * 2**32 + words).argsort(dim=1, stable=True)
+
+    def per_token_loss(
+        self,
+        logits: Tensor,
+        x0: Tensor,
+        xt: Tensor,
+        t: Tensor,
+        vocab: Vocab,
+        tp_group: ProcessGroup | None = None,
+    ) -> Tensor:
+        """CE on masked tokens: diffusion rows weighted as the loss_type says (the ELBO's
+        -alpha'/(1 - alpha) of the scaled schedule, 1/t at alpha_0 = 1), sequential rows
+        (t = 0) not; each row scaled by B / (rows of its branch), so the token mean is the
+        sum of the two branches' token means. -> [B, L] f32"""
+        masked = xt == vocab.mask_id
+        rows = masked.nonzero(as_tuple=True)  # host sync: the masked tokens' count
+        ce = cross_entropy(logits, vocab.real, x0[rows], rows, tp_group)
+        sequential = t == 0
+        divisor = torch.ones_like(t)
+        if self.loss_type == "elbo":  # 1/(t + offset) = -alpha'/(1 - alpha), 1/t at alpha_0 = 1
+            offset = (1 - self.alpha_0) / (self.alpha_0 * (1 - EPS)) if self.alpha_0 else 0.0
+            divisor = torch.where(sequential, 1.0, t + offset)
+        branch_rows = torch.where(sequential, sequential.sum(), (~sequential).sum())
+        divisor = divisor * (branch_rows / len(t))
+        loss = torch.zeros(masked.shape, device=logits.device)
+        return loss.index_put(rows, ce / divisor[rows[0]])
 
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
     ) -> Samples:
-        """From all-mask: a random order per sample, then slots decoded front to back, as many
-        per step as MDLM's schedule reveals (one count per step for the whole batch, so the
-        caches stay aligned), each a draw from x̂ (docs/algorithms.md §9.3). With
-        cfg.kv_cache a step runs the slots decoded at the step before (committing their keys
-        and values) and the slots it decodes; without, the whole sequence."""
+        """From all-mask: a random order per sample, then slots decoded front to back: as
+        many per step as the alpha_0-scaled schedule reveals (one count per step for the
+        whole batch, so the caches stay aligned), then the rest one per step, left to right
+        (docs/algorithms.md §9.3); each a draw from x̂. With cfg.kv_cache a step runs the
+        slots decoded at the step before (committing their keys and values) and the slots it
+        decodes; without, the whole sequence."""
         generator, device = torch.Generator().manual_seed(cfg.seed), model.device
         n = cfg.num_samples
         order = torch.stack([torch.randperm(seq_len, generator=generator) for _ in range(n)])
+        counts = self._decode_counts(seq_len, cfg.steps, generator)
+        diffused = sum(counts)
+        order[:, diffused:] = order[:, diffused:].sort(dim=1).values  # the sequential tail
+        tail = seq_len - diffused
+        counts += [tail] if self.alpha_0 == 1 else [1] * tail
         order = order.to(device)
         tokens = torch.full((n, seq_len), vocab.mask_id, dtype=torch.int64, device=device)
         s0 = torch.zeros(n, device=device)
         decode = model.decoder() if cfg.kv_cache else None
         start = previous = 0
-        counts = _decode_counts(seq_len, cfg.steps, generator)
         for count in counts:
             end = start + count
             if decode is None:
@@ -84,17 +199,15 @@ class EsoLM(MDLM):
             start, previous = end, count
         return Samples(torch.empty_like(tokens).scatter_(1, order, tokens), len(counts))
 
-
-def _decode_counts(seq_len: int, steps: int, generator: torch.Generator) -> list[int]:
-    """How many slots each step decodes: MDLM's reveal probability
-    (alpha_s - alpha_t) / (1 - alpha_t) on each remaining slot, drawn once for the batch on
-    the host; the last step takes the rest; steps that decode nothing are skipped."""
-    grid = torch.linspace(1.0, T_MIN, steps + 1, dtype=torch.float64).tolist()
-    counts, remaining = [], seq_len
-    for i in range(steps):
-        a_t, a_s = alpha(grid[i]), alpha(grid[i + 1])
-        u = torch.rand(remaining, dtype=torch.float64, generator=generator)
-        counts.append(int((u < (a_s - a_t) / (1 - a_t)).sum()))
-        remaining -= counts[-1]
-    counts.append(remaining)
-    return [count for count in counts if count > 0]
+    def _decode_counts(self, seq_len: int, steps: int, generator: torch.Generator) -> list[int]:
+        """How many slots each diffusion step decodes: the reveal probability (alpha_s -
+        alpha_t) / (1 - alpha_t) of alpha_0 alpha_t on each remaining slot, drawn once for the
+        batch on the host; steps that decode nothing are skipped."""
+        grid = torch.linspace(1.0, T_MIN, steps + 1, dtype=torch.float64).tolist()
+        counts, remaining = [], seq_len
+        for i in range(steps):
+            a_t, a_s = self.alpha_0 * alpha(grid[i]), self.alpha_0 * alpha(grid[i + 1])
+            u = torch.rand(remaining, dtype=torch.float64, generator=generator)
+            counts.append(int((u < (a_s - a_t) / (1 - a_t)).sum()))
+            remaining -= counts[-1]
+        return [count for count in counts if count > 0]
