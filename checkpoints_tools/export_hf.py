@@ -152,6 +152,7 @@ class _Export:
             "schedule_eps": EPS,
             "p_uniform": self.cfg.objective.p_uniform,
             "gamma": self.cfg.objective.gamma,
+            "alpha_0": self.cfg.objective.alpha_0,
             "sampling_steps": sampling.steps,
             "sampling_top_p": sampling.top_p,
             "sampling_seed": sampling.seed,

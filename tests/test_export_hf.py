@@ -17,6 +17,8 @@ from dlm_pretrain.common.errors import CheckpointError, ConfigError
 from test_train import ONE_THREAD, _torchrun, _train
 
 OBJECTIVES = ("ar", "mdlm", "duo", "gidd", "esolm")
+# Eso-LM with both branches: the exported sampler must also decode the sequential tail
+OPTIONS = {"esolm": ("objective.alpha_0=0.5", "objective.batch_split=0.5")}
 SAMPLING = {"num_samples": 2, "steps": 8, "seed": 5}
 # One interpreter for every export: transformers alone, our package refused at import.
 HF_SCRIPT = r"""
@@ -94,23 +96,25 @@ def _reference(run_dir: Path, inputs: Path, seed: int, sample: bool) -> dict:
     exported forward's arguments. Sorted attention also gets a random order of each row, in
     the stage tuple's layout (objective.batch)."""
     from dlm_pretrain.pretrain.config import SamplingConfig
-    from dlm_pretrain.pretrain.sampling import generate
+    from dlm_pretrain.pretrain.sampling import _Layers, generate
 
     objective, layers, vocab, tokenizer, seq_len = _our_model(run_dir)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(tokenizer.vocab_size, (3, seq_len), generator=generator)
     t = torch.tensor([1e-3, 0.999, torch.rand(1, generator=generator).item()])
     hf_inputs = {"input_ids": tokens, "timesteps": t}
-    out = (tokens, objective.time_input(t))
-    if objective.attention_spec().kind == "sorted":
-        positions = torch.stack([torch.randperm(seq_len, generator=generator) for _ in t])
-        hf_inputs["positions"] = positions
-        out = (*out, positions)
-    torch.save(hf_inputs, inputs)
     for layer in layers:
         layer.eval()
-        out = layer(out)
-    reference = {"logits": out[..., : tokenizer.vocab_size]}
+    if objective.attention_spec().kind == "sorted":  # a sampler's view: plain sorted rows
+        positions = torch.stack([torch.randperm(seq_len, generator=generator) for _ in t])
+        hf_inputs["positions"] = positions
+        logits = _Layers(layers).logits(tokens, objective.time_input(t), positions)
+    else:
+        logits = (tokens, objective.time_input(t))
+        for layer in layers:
+            logits = layer(logits)
+    torch.save(hf_inputs, inputs)
+    reference = {"logits": logits[..., : tokenizer.vocab_size]}
     if sample:
         cfg = SamplingConfig(**SAMPLING)
         eos = tokenizer.special.eos
@@ -174,7 +178,7 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
     for objective in OBJECTIVES:
         run_dir = _train(
             dataset, root / objective, "train.steps=2", "train.val_every=100",
-            f"objective.name={objective}", "data.num_workers=1",
+            f"objective.name={objective}", "data.num_workers=1", *OPTIONS.get(objective, ()),
         )  # fmt: skip
         _randomize(run_dir / "checkpoints" / "step00000002", seed=len(runs))
         runs[objective] = run_dir

@@ -48,6 +48,8 @@ class DLMConfig(PretrainedConfig):
     schedule_eps: float = 1e-3
     p_uniform: float = 0.0
     gamma: float = 1.0
+    # Eso-LM: the clean share where diffusion ends; its sampler decodes the rest in order
+    alpha_0: float = 1.0
     # sampler defaults: the reverse process runs from t = 1 to sampling_t_min
     sampling_steps: int = 128
     sampling_top_p: float = 1.0

@@ -96,17 +96,23 @@ def sample_interpolating(
 
 
 def sample_sorted(model, n: int, seq_len: int, steps: int, top_p: float, generator) -> Tensor:
-    """Eso-LM: a random order per sample, then slots decoded front to back, as many per step
-    as MDLM's schedule reveals (one count per step for the whole batch, so the caches stay
-    aligned), each a draw from x̂. A step runs the slots decoded at the step before (committing
-    their keys and values) and the slots it decodes."""
-    device = model.device
+    """Eso-LM: a random order per sample, then slots decoded front to back: as many per step
+    as the alpha_0-scaled schedule reveals (one count per step for the whole batch, so the
+    caches stay aligned), then the rest one per step, left to right; each a draw from x̂. A
+    step runs the slots decoded at the step before (committing their keys and values) and
+    the slots it decodes."""
+    device, alpha_0 = model.device, model.config.alpha_0
     order = torch.stack([torch.randperm(seq_len, generator=generator) for _ in range(n)])
+    counts = _decode_counts(model, seq_len, steps, generator)
+    diffused = sum(counts)
+    order[:, diffused:] = order[:, diffused:].sort(dim=1).values  # the sequential tail
+    tail = seq_len - diffused
+    counts += [tail] if alpha_0 == 1 else [1] * tail
     order = order.to(device)
     tokens = torch.full((n, seq_len), model.config.mask_token_id, dtype=torch.int64, device=device)
     s0, caches = torch.zeros(n, device=device), model.backbone.caches()
     start = previous = 0
-    for count in _decode_counts(model, seq_len, steps, generator):
+    for count in counts:
         end = start + count
         window = slice(start - previous, end)
         logits = model.backbone(tokens[:, window], s0, order[:, window], caches, keep=previous)
@@ -134,17 +140,16 @@ def _alpha(model, t: float) -> float:
 
 
 def _decode_counts(model, seq_len: int, steps: int, generator) -> list[int]:
-    """How many slots each Eso-LM step decodes: MDLM's reveal probability
-    (alpha_s - alpha_t) / (1 - alpha_t) on each remaining slot, drawn once for the batch; the
-    last step takes the rest; steps that decode nothing are skipped."""
+    """How many slots each Eso-LM diffusion step decodes: the reveal probability
+    (alpha_s - alpha_t) / (1 - alpha_t) of alpha_0 alpha_t on each remaining slot, drawn once
+    for the batch; steps that decode nothing are skipped."""
     grid = _grid(1.0, model.config.sampling_t_min, steps)
-    counts, remaining = [], seq_len
+    counts, remaining, alpha_0 = [], seq_len, model.config.alpha_0
     for i in range(steps):
-        a_t, a_s = _alpha(model, grid[i]), _alpha(model, grid[i + 1])
+        a_t, a_s = alpha_0 * _alpha(model, grid[i]), alpha_0 * _alpha(model, grid[i + 1])
         u = host_uniform((remaining,), generator, "cpu")
         counts.append(int((u < (a_s - a_t) / (1 - a_t)).sum()))
         remaining -= counts[-1]
-    counts.append(remaining)
     return [count for count in counts if count > 0]
 
 
