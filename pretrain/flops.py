@@ -73,10 +73,17 @@ def conditioning_flops_per_sequence(cfg: ModelConfig) -> int:
 
 
 def forward_flops_per_sequence(
-    cfg: ModelConfig, objective: str, seq_len: int, convention: str = "exact", size: str = ""
+    cfg: ModelConfig,
+    objective: str,
+    seq_len: int,
+    convention: str = "exact",
+    size: str = "",
+    sequential_share: float = 0.0,
 ) -> int:
     """Forward FLOPs of one sequence of `seq_len` tokens under the given convention; `size`, the
-    preset's name, picks the paper's measured figure where the run has the paper's shape."""
+    preset's name, picks the paper's measured figure where the run has the paper's shape;
+    `sequential_share`, Eso-LM's share of rows in the sequential branch (their blocks run 2L
+    tokens, counted under `exact` only)."""
     if convention == "reference":
         paper_shape = (cfg.vocab_size, seq_len) == (REFERENCE_VOCAB, REFERENCE_SEQ_LEN)
         if paper_shape and size in REFERENCE_FORWARD_FLOPS:
@@ -87,18 +94,29 @@ def forward_flops_per_sequence(
         raise ValueError(f"unknown FLOPs convention {convention!r}; use one of {CONVENTIONS}")
     spec = OBJECTIVES[objective]  # its class: causality and the loss's FLOPs per entry
     loss = spec.loss_flops_per_vocab_entry * cfg.vocab_size * seq_len
-    return (
-        matmul_flops_per_token(cfg) * seq_len
-        + attention_flops_per_sequence(cfg, seq_len, spec.causal)
-        + conditioning_flops_per_sequence(cfg)
-        + loss
+    causal = attention_flops_per_sequence(cfg, seq_len, spec.causal)
+    one_pass = (
+        matmul_flops_per_token(cfg) * seq_len + causal + conditioning_flops_per_sequence(cfg) + loss
     )
+    # [z_0 ; x]: the x-half adds its blocks (not the head) and its conditioning; the scores
+    # needed grow from one causal L x L to two half matrices (x causal, z over x's earlier
+    # slots and itself)
+    x_half = 24 * cfg.n_layers * cfg.hidden_size**2 * seq_len + conditioning_flops_per_sequence(cfg)
+    pair = one_pass + x_half + attention_flops_per_sequence(cfg, seq_len, causal=False) - causal
+    return round((1 - sequential_share) * one_pass + sequential_share * pair)
 
 
 def training_flops_per_sequence(
-    cfg: ModelConfig, objective: str, seq_len: int, convention: str = "exact", size: str = ""
+    cfg: ModelConfig,
+    objective: str,
+    seq_len: int,
+    convention: str = "exact",
+    size: str = "",
+    sequential_share: float = 0.0,
 ) -> int:
-    return 3 * forward_flops_per_sequence(cfg, objective, seq_len, convention, size)
+    return 3 * forward_flops_per_sequence(
+        cfg, objective, seq_len, convention, size, sequential_share
+    )
 
 
 def steps_for_budget(budget_flops: float, train_flops_per_sequence: int, global_batch: int) -> int:

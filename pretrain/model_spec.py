@@ -9,6 +9,7 @@ from dlm_pretrain.data_pipeline.manifest import Manifest
 from dlm_pretrain.parallel.config import ModelConfig
 from dlm_pretrain.pretrain.config import RunConfig
 from dlm_pretrain.pretrain.flops import steps_for_budget, training_flops_per_sequence
+from dlm_pretrain.pretrain.objectives import build_objective
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of 128 x tensor size
@@ -54,7 +55,12 @@ def flops_per_sequence(cfg: RunConfig, manifest: Manifest) -> int:
         cfg.model.size, vocab_size=manifest.tokenizer["vocab_size"], seq_len=manifest.seq_len
     )
     return training_flops_per_sequence(
-        model, cfg.objective.name, manifest.seq_len, cfg.train.flops_convention, cfg.model.size
+        model,
+        cfg.objective.name,
+        manifest.seq_len,
+        cfg.train.flops_convention,
+        cfg.model.size,
+        build_objective(cfg.objective).sequential_share,
     )
 
 

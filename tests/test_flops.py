@@ -19,7 +19,7 @@ from dlm_pretrain.pretrain.flops import (
     training_flops_per_sequence,
 )
 from dlm_pretrain.pretrain.model_spec import model_spec, total_steps
-from dlm_pretrain.pretrain.objectives import OBJECTIVES
+from dlm_pretrain.pretrain.objectives import OBJECTIVES, EsoLM
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -45,6 +45,28 @@ def test_analytic_forward_flops_match_the_flop_counter(objective):
     if spec.causal:
         analytic += attention_flops_per_sequence(cfg, cfg.seq_len, causal=False) // 2
     assert abs(analytic - counted) / counted < 0.02
+
+
+def test_eso_lm_sequential_rows_count_their_doubled_sequence():
+    """A micro-batch of one diffusion and one sequential row (alpha_0 = batch_split = 1/2):
+    the counter against twice the analytic mean per sequence, within 2%, once the scores
+    the math kernel computes but no query needs are added back: it computes every L x L
+    matrix in full (the diffusion row's and the x-half's, each twice the causal half) and
+    the z-half's L x 2L (four times its needed half)."""
+    groups = init_process_groups(ParallelConfig(), Runtime.detect())
+    cfg = ModelConfig.preset("cpu-small", vocab_size=2048, seq_len=256)
+    esolm = EsoLM(alpha_0=0.5, batch_split=0.5)
+    model = build_pipeline(cfg, groups, esolm.attention_spec())
+    vocab = Vocab.build(cfg.vocab_size, mask_id=4)
+    x0 = torch.randint(5, cfg.vocab_size, (2, cfg.seq_len))
+    inputs, labels = esolm.batch(x0, torch.tensor([0.5, 0.5]), torch.tensor([0, 1]), vocab)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        esolm.per_token_loss(model(inputs), *labels, vocab).mean()
+    per_sequence = forward_flops_per_sequence(cfg, "esolm", cfg.seq_len, sequential_share=0.5)
+    half = attention_flops_per_sequence(cfg, cfg.seq_len, causal=True)
+    analytic = 2 * per_sequence + half * (1 + 1 + 3)
+    assert abs(analytic - counter.get_total_flops()) / analytic < 0.02
+    assert per_sequence > forward_flops_per_sequence(cfg, "esolm", cfg.seq_len)
 
 
 def _paper_step_table() -> list[tuple[str, float, int]]:

@@ -75,6 +75,10 @@ class EsoLM(MDLM):
         are diffusion rows (so d must divide the micro-batch)."""
         return Fraction(self.batch_split).limit_denominator(MAX_SPLIT_DENOMINATOR)
 
+    @property
+    def sequential_share(self) -> float:
+        return 1 - self.batch_split
+
     def attention_spec(self) -> AttentionSpec:
         return AttentionSpec(
             "sorted", diffusion_rows=self.alpha_0 > 0, sequential_rows=self.alpha_0 < 1

@@ -54,6 +54,12 @@ class Objective(ABC):
     # accounting: max, subtract, exp, sum for the softmax, plus the objective's own sums).
     loss_flops_per_vocab_entry: ClassVar[int]
 
+    @property
+    def sequential_share(self) -> float:
+        """The share of rows whose blocks run 2L tokens (Eso-LM's sequential branch), for the
+        FLOPs accounting."""
+        return 0.0
+
     def attention_spec(self) -> AttentionSpec:
         """The backbone's attention pattern for this objective (parallel.config)."""
         return AttentionSpec("causal" if self.causal else "bidirectional")
