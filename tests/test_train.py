@@ -163,8 +163,17 @@ def test_data_parallel_equals_one_process_and_sigkill_resumes_every_loss(dataset
 
 
 # One process stopped (a signal) or killed (inside a save) and started again, against the
-# same run never interrupted: every loss equal means the data position resumed exactly.
-RESUMABLE = ("train.steps=16", "train.checkpoint_every=4", "train.val_every=100")
+# same run never interrupted: every loss equal means the data position resumed exactly. It
+# trains Eso-LM with both branches, whose sort order and row split must resume as exactly
+# as the noise (the other resume tests train MDLM and GIDD).
+RESUMABLE = (
+    "train.steps=16",
+    "train.checkpoint_every=4",
+    "train.val_every=100",
+    "objective.name=esolm",
+    "objective.alpha_0=0.5",
+    "objective.batch_split=0.5",
+)
 KILL_AT = str(Path(__file__).with_name("kill_at.py"))
 
 
