@@ -298,6 +298,8 @@ def test_eso_lm_both_branches_match_the_float64_reference(loss_type):
     expected, expected_grad = reference_loss_and_grad(ref.esolm(0.5, loss_type), *inputs, VOCAB)
     assert relative_error(loss.unsqueeze(-1), expected.unsqueeze(-1)) < 1e-5
     assert relative_error(grad, expected_grad) < 1e-5
+    short = esolm.batch(x0[:3], t[:3], torch.arange(3), VOCAB)  # a short validation chunk
+    assert [len(x) for x in short[1]] == [2, 2, 2] and len(short[0][0]) == 3  # 1 d + 1 (z, x)
     unscaled = expected / 2  # each branch holds half of the rows
     branch_means = unscaled[:half].mean() + unscaled[half:].mean()
     assert torch.isclose(loss.double().mean(), branch_means, rtol=1e-6)

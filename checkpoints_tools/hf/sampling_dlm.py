@@ -107,7 +107,8 @@ def sample_sorted(model, n: int, seq_len: int, steps: int, top_p: float, generat
     diffused = sum(counts)
     order[:, diffused:] = order[:, diffused:].sort(dim=1).values  # the sequential tail
     tail = seq_len - diffused
-    counts += [tail] if alpha_0 == 1 else [1] * tail
+    if tail:
+        counts += [tail] if alpha_0 == 1 else [1] * tail
     order = order.to(device)
     tokens = torch.full((n, seq_len), model.config.mask_token_id, dtype=torch.int64, device=device)
     s0, caches = torch.zeros(n, device=device), model.backbone.caches()

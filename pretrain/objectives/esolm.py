@@ -51,13 +51,13 @@ class EsoLM(MDLM):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_branch = self.alpha_0 in (0, 1) or self.batch_split in (0, 1)
-        if one_branch and self.alpha_0 != self.batch_split:
+        one_branch = self.alpha_0 in (0, 1) or self.split in (0, 1)
+        if one_branch and self.alpha_0 != self.split:
             raise ConfigError(
                 f"objective.alpha_0={self.alpha_0} with objective.batch_split="
                 f"{self.batch_split}: alpha_0 = 1 trains only the diffusion branch and 0 only "
                 "the sequential one, so batch_split must equal it there (and lie strictly "
-                "between 0 and 1 otherwise)"
+                f"between 0 and 1 otherwise, at least 1/{MAX_SPLIT_DENOMINATOR} from either)"
             )
 
     @classmethod
@@ -77,7 +77,7 @@ class EsoLM(MDLM):
 
     @property
     def sequential_share(self) -> float:
-        return 1 - self.batch_split
+        return 1 - float(self.split)
 
     def attention_spec(self) -> AttentionSpec:
         return AttentionSpec(
@@ -97,8 +97,12 @@ class EsoLM(MDLM):
         positions [b_d, L], [b_s, L] of the row kinds the run has) and labels (x0, xt, t)
         of the b_d + b_s scored rows in sorted order, t = 0 marking sequential rows. Row i of
         the micro-batch is a diffusion row iff i mod d < n (micro-batches start at multiples
-        of d, so this is the global row's kind: the same on any layout)."""
-        diffusion, sequential = self._row_kinds(x0.shape[0], x0.device)
+        of d, so this is the global row's kind: the same on any layout). A short last
+        validation chunk leaves out its incomplete group of d rows, so that every figure
+        holds both branches in their proportion."""
+        usable = len(x0) - len(x0) % self.split.denominator  # see the docstring
+        x0, t, sample_ids = x0[:usable], t[:usable], sample_ids[:usable]
+        diffusion, sequential = self._row_kinds(usable, x0.device)
         x0_d, x0_s = x0[diffusion], x0[sequential]
         zt = self.noise(x0_d, t[diffusion], sample_ids[diffusion], vocab)
         p = torch.full_like(t[sequential], 1 - self.alpha_0)
@@ -119,14 +123,11 @@ class EsoLM(MDLM):
         return spec.diffusion_rows, spec.sequential_rows
 
     def _row_kinds(self, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Indices of the diffusion and the sequential rows of a micro-batch, built on the
-        host from its size alone (no host sync)."""
+        """Indices of the diffusion and the sequential rows of a micro-batch of a multiple of
+        d rows, built on the device from its size alone."""
         n, d = self.split.numerator, self.split.denominator
-        is_diffusion = [i % d < n for i in range(rows)]
-        diffusion = [i for i, kind in enumerate(is_diffusion) if kind]
-        sequential = [i for i, kind in enumerate(is_diffusion) if not kind]
-        as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int64).to(device)  # noqa: E731
-        return as_tensor(diffusion), as_tensor(sequential)
+        index = torch.arange(rows, device=device).view(-1, d)
+        return index[:, :n].flatten(), index[:, n:].flatten()
 
     def order(
         self, xt: Tensor, sample_ids: Tensor, vocab: Vocab, masks_in_order: bool = False
@@ -185,7 +186,8 @@ class EsoLM(MDLM):
         diffused = sum(counts)
         order[:, diffused:] = order[:, diffused:].sort(dim=1).values  # the sequential tail
         tail = seq_len - diffused
-        counts += [tail] if self.alpha_0 == 1 else [1] * tail
+        if tail:
+            counts += [tail] if self.alpha_0 == 1 else [1] * tail
         order = order.to(device)
         tokens = torch.full((n, seq_len), vocab.mask_id, dtype=torch.int64, device=device)
         s0 = torch.zeros(n, device=device)
