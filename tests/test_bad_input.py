@@ -74,13 +74,24 @@ def test_config_values_are_checked_on_construction(tmp_path, key, value, match):
         ("train.flops_convention=exatc", r"'exatc' is not one of .*did you mean 'exact'"),
         ("objective.name=mdml", r"objective\.name='mdml' is not one of .*did you mean 'mdlm'"),
         ("objective.fused=false", r"unknown config key objective\.fused"),
+        ("objective.gamma=3", r"objective\.gamma=3 is out of range: must be less than or equal"),
+        ("objective.loss_weighting=none", r"'none' is not one of 'dynamic', 'clip' or 'elbo'"),
+        ("objective.alpha_0=1.5", r"objective\.alpha_0=1\.5 is out of range"),
+        (
+            "objective.name=esolm objective.alpha_0=0.5",
+            r"objective\.alpha_0=0\.5 with objective\.batch_split=1\.0: .* must equal it",
+        ),
+        (
+            "objective.name=esolm objective.alpha_0=0.5 objective.batch_split=0.3",
+            r"puts 3 of every 10 rows .* use a micro_batch that is a multiple of 10",
+        ),
     ],
 )
 def test_run_config_values_are_checked_at_load(override, match):
     """Regressions: micro_batch=0 was a ZeroDivisionError, log_every=0 crashed at step 1 and a
     misspelt flops_convention was a bare ValueError after the process groups existed."""
     with pytest.raises(ConfigError, match=match):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 def test_an_argument_with_equals_is_an_override_not_a_preset(tmp_path, capsys):
