@@ -21,7 +21,7 @@ r reaches ~1e13 as p_u -> 0, so the algebra runs in float64 (docs/pitfalls.md P1
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -63,6 +63,7 @@ class GIDD(Objective):
     loss_weighting: str = "dynamic"  # the training weights, one of LOSS_WEIGHTINGS
 
     causal: ClassVar[bool] = False
+    elbo_options: ClassVar[dict[str, str]] = {"loss_weighting": "elbo"}  # validation (P18)
     # the ELBO weights grow like 1/(1 - t): t stays in [eps, 1 - eps], as GIDD's own range
     t_max: ClassVar[float] = 1 - EPS
     loss_flops_per_vocab_entry: ClassVar[int] = 8  # Duo's statistics
@@ -151,19 +152,6 @@ class GIDD(Objective):
         on_mask = 1 / (t * (1 - t))
         elbo = torch.where(masked, on_mask, torch.where(clean, on_clean, on_uniform))
         return elbo if self.loss_weighting == "elbo" else elbo.clamp(0, MAX_LOSS_WEIGHT)
-
-    def validation_loss(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        xt: Tensor,
-        t: Tensor,
-        vocab: Vocab,
-        tp_group: ProcessGroup | None = None,
-    ) -> Tensor:
-        """The ELBO, whatever the training weights (docs/pitfalls.md P18). -> [B, L] f32"""
-        elbo = replace(self, loss_weighting="elbo")
-        return elbo.per_token_loss(logits, x0, xt, t, vocab, tp_group)
 
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int

@@ -9,7 +9,7 @@ P18). Unmasked tokens score 0 (carry-over) and the mask id is never predicted (z
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -40,6 +40,7 @@ class MDLM(Objective):
     loss_type: str = "elbo"  # the training loss, one of LOSS_TYPES
 
     causal: ClassVar[bool] = False
+    elbo_options: ClassVar[dict[str, str]] = {"loss_type": "elbo"}  # validation (P18)
     loss_flops_per_vocab_entry: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
@@ -75,19 +76,6 @@ class MDLM(Objective):
         if self.loss_type == "elbo":
             ce = ce / t.float()[rows[0]]
         return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)
-
-    def validation_loss(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        xt: Tensor,
-        t: Tensor,
-        vocab: Vocab,
-        tp_group: ProcessGroup | None = None,
-    ) -> Tensor:
-        """The ELBO, whatever the training loss_type. -> [B, L] f32"""
-        elbo = replace(self, loss_type="elbo")
-        return elbo.per_token_loss(logits, x0, xt, t, vocab, tp_group)
 
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int

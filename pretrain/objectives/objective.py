@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
@@ -50,6 +50,8 @@ class Objective(ABC):
 
     causal: ClassVar[bool]  # the attention pattern of the backbone
     t_max: ClassVar[float] = 1.0  # training draws t from [eps, t_max) (schedule.sample_t)
+    # the options under which per_token_loss is the validation bound (MDLM: loss_type="elbo")
+    elbo_options: ClassVar[dict[str, str]] = {}
     # Elementwise FLOPs per token per vocabulary entry of the loss (an estimate for the FLOPs
     # accounting: max, subtract, exp, sum for the softmax, plus the objective's own sums).
     loss_flops_per_vocab_entry: ClassVar[int]
@@ -111,8 +113,10 @@ class Objective(ABC):
         tp_group: ProcessGroup | None = None,
     ) -> Tensor:
         """The per-token bound whose mean is the validation figure (the ELBO; the exact NLL
-        for AR); the training loss unless the objective trains on something else."""
-        return self.per_token_loss(logits, x0, xt, t, vocab, tp_group)
+        for AR): the training loss with `elbo_options`, whatever the run trains on
+        (docs/pitfalls.md P18)."""
+        bound = replace(self, **self.elbo_options)
+        return bound.per_token_loss(logits, x0, xt, t, vocab, tp_group)
 
     @abstractmethod
     def sample(
