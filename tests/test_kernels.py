@@ -31,6 +31,11 @@ from test_objectives import (
 )
 
 BACKENDS = ["chunked", "triton"]
+# Every kernel path once: Eso-LM's losses are MDLM's cross-entropy, and GIDD's weightings
+# differ only in the per-token algebra around the same Duo statistics.
+KERNEL_CASES = [
+    c for c in CASES if not c.startswith("esolm") and c not in ("gidd-dynamic", "gidd-clip")
+]
 
 V, B, L = 2 * chunked.CHUNK + 78, 4, 10  # three blocks, the last one partial; even
 VOCAB = Vocab.build(V, mask_id=4, never_in_data=(3, chunked.CHUNK, V - 1))
@@ -50,7 +55,7 @@ def kernels(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", KERNEL_CASES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kernels_match_float64_reference(kernels, case, seed):
     inputs = noised_inputs(case, seed, VOCAB, shape=(B, L))
@@ -59,7 +64,7 @@ def test_kernels_match_float64_reference(kernels, case, seed):
     _check(case, inputs, *loss_and_grad(CASES[case].per_token_loss, *inputs, VOCAB))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", KERNEL_CASES)
 def test_kernels_take_bf16_logits(kernels, case):
     """bf16 logits are read as they are and widened to float32; the gradient comes back in
     bf16, so it is within bf16 rounding (2^-8 relative) of the float64 reference on the same
@@ -73,8 +78,9 @@ def test_kernels_take_bf16_logits(kernels, case):
 def _split(rank: int, world_size: int, backend: str, out: Path) -> None:
     os.environ[KERNELS_ENV] = backend
     results = {}
-    for case, objective in CASES.items():
+    for case in KERNEL_CASES:
         logits, *rest = noised_inputs(case, 3, VOCAB, shape=(B, L))
+        objective = CASES[case]
         shard = logits.chunk(world_size, -1)[rank]
         loss, grad = loss_and_grad(objective.per_token_loss, shard, *rest, VOCAB, dist.group.WORLD)
         parts = [torch.empty_like(grad) for _ in range(world_size)]
@@ -91,7 +97,7 @@ def test_vocab_parallel_matches_float64_reference(tmp_path, backend):
     unsplit reference."""
     run_distributed(_split, 2, backend, tmp_path / "tp2.pt")
     split = torch.load(tmp_path / "tp2.pt")
-    for case in CASES:
+    for case in KERNEL_CASES:
         _check(case, noised_inputs(case, 3, VOCAB, shape=(B, L)), *split[case])
 
 

@@ -42,17 +42,18 @@ SETTINGS = [
     "optim.min_warmup_steps=3",
     "optim.lr=3e-3",
 ]
-# name -> its overrides: each objective, and MDLM with dropout
-TRAININGS = {name: [f"objective.name={name}"] for name in OBJECTIVES}
-TRAININGS["mdlm-dropout"] = ["objective.name=mdlm", "model.dropout=0.2"]
-# both Eso-LM branches: diffusion rows and sequential rows' 2L-token pairs
+# name -> its overrides: each objective (Eso-LM with both branches: diffusion rows and the
+# sequential rows' 2L-token pairs), and MDLM with dropout
+TRAININGS = {name: [f"objective.name={name}"] for name in OBJECTIVES if name != "esolm"}
 TRAININGS["esolm-split"] = [
     "objective.name=esolm",
     "objective.alpha_0=0.5",
     "objective.batch_split=0.5",
 ]
+TRAININGS["mdlm-dropout"] = ["objective.name=mdlm", "model.dropout=0.2"]
+# Every training runs under tensor parallelism once: in tp2 alone, or in tp2xpp2 / tp2xdp2.
 LAYOUTS = {  # name -> (processes, data-parallel size, overrides, trainings)
-    "tp2": (2, 1, ["parallel.tensor=2"], tuple(TRAININGS)),
+    "tp2": (2, 1, ["parallel.tensor=2"], ("duo", "mdlm-dropout")),
     # the time input (Duo, GIDD) and Eso-LM's positions cross the stages
     "pp2": (2, 1, ["parallel.pipeline=2"], ("duo", "gidd", "esolm-split")),
     "tp2xpp2": (
@@ -61,7 +62,7 @@ LAYOUTS = {  # name -> (processes, data-parallel size, overrides, trainings)
         ["parallel.tensor=2", "parallel.pipeline=2"],
         ("mdlm", "gidd", "esolm-split"),
     ),
-    "tp2xdp2": (4, 2, ["parallel.tensor=2"], ("ar", "gidd")),
+    "tp2xdp2": (4, 2, ["parallel.tensor=2"], ("ar", "gidd", "esolm-split")),
 }
 
 
@@ -160,3 +161,11 @@ def test_layout_equals_one_process(dataset, tmp_path, one_process, layout):
 def test_dropout_changes_the_training(one_process):
     """The dropout training of the tensor 2 layout is not the plain one."""
     assert _read(one_process, "mdlm-dropout")[0] != _read(one_process, "mdlm")[0]
+
+
+def test_every_training_runs_under_tensor_parallelism():
+    """The layouts split the trainings between them; none may fall through."""
+    under_tensor = {
+        n for _, _, extra, names in LAYOUTS.values() if "parallel.tensor=2" in extra for n in names
+    }
+    assert under_tensor == set(TRAININGS)
