@@ -164,15 +164,7 @@ class RunConfig(Section):
                 f"model.size={self.model.size} has {layers} layers, fewer than "
                 f"parallel.pipeline={pp} stages; use at most {layers} stages"
             )
-        objective = build_objective(self.objective)
-        split = getattr(objective, "split", None)
-        if split is not None and self.train.micro_batch % split.denominator:
-            raise ConfigError(
-                f"objective.batch_split={self.objective.batch_split} puts {split.numerator} of "
-                f"every {split.denominator} rows in the diffusion branch, which "
-                f"train.micro_batch={self.train.micro_batch} cannot hold; use a micro_batch "
-                f"that is a multiple of {split.denominator}"
-            )
+        build_objective(self.objective).check_micro_batch(self.train.micro_batch)
         return self
 
     def check_world_size(self, world_size: int) -> None:

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.parallel.config import AttentionSpec
-from dlm_pretrain.pretrain.kernels.losses import cross_entropy
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
 from dlm_pretrain.pretrain.objectives.draws import T_MIN, Samples, categorical, denoiser
 from dlm_pretrain.pretrain.objectives.mdlm import MDLM
@@ -34,7 +33,6 @@ from dlm_pretrain.pretrain.objectives.randomness import STREAM_ORDER, philox4x32
 from dlm_pretrain.pretrain.objectives.schedule import EPS, alpha
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
-from torch.distributed import ProcessGroup
 
 if TYPE_CHECKING:  # pretrain.config imports this package
     from dlm_pretrain.pretrain.config import ObjectiveConfig, SamplingConfig
@@ -78,6 +76,15 @@ class EsoLM(MDLM):
     @property
     def sequential_share(self) -> float:
         return 1 - float(self.split)
+
+    def check_micro_batch(self, micro_batch: int) -> None:
+        n, d = self.split.numerator, self.split.denominator
+        if micro_batch % d:
+            raise ConfigError(
+                f"objective.batch_split={self.batch_split} puts {n} of every {d} rows in the "
+                f"diffusion branch, which train.micro_batch={micro_batch} cannot hold; use a "
+                f"micro_batch that is a multiple of {d}"
+            )
 
     def attention_spec(self) -> AttentionSpec:
         return AttentionSpec(
@@ -144,31 +151,18 @@ class EsoLM(MDLM):
             words = torch.where(masked, position, words)
         return (masked.long() * 2**32 + words).argsort(dim=1, stable=True)
 
-    def per_token_loss(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        xt: Tensor,
-        t: Tensor,
-        vocab: Vocab,
-        tp_group: ProcessGroup | None = None,
-    ) -> Tensor:
-        """CE on masked tokens: diffusion rows weighted as the loss_type says (the ELBO's
-        -alpha'/(1 - alpha) of the scaled schedule, 1/t at alpha_0 = 1), sequential rows
-        (t = 0) not; each row scaled by B / (rows of its branch), so the token mean is the
-        sum of the two branches' token means. -> [B, L] f32"""
-        masked = xt == vocab.mask_id
-        rows = masked.nonzero(as_tuple=True)  # host sync: the masked tokens' count
-        ce = cross_entropy(logits, vocab.real, x0[rows], rows, tp_group)
+    def _divisor(self, t: Tensor) -> Tensor:
+        """Diffusion rows: the ELBO's 1/(-alpha'/(1 - alpha)) of the scaled schedule,
+        t + offset (t at alpha_0 = 1, MDLM's bits), or 1 for cross_entropy; sequential rows
+        (t = 0): 1. Each times (rows of its branch) / B, so the token mean is the sum of the
+        two branches' token means. [B] -> [B] f32"""
         sequential = t == 0
         divisor = torch.ones_like(t)
-        if self.loss_type == "elbo":  # 1/(t + offset) = -alpha'/(1 - alpha), 1/t at alpha_0 = 1
+        if self.loss_type == "elbo":
             offset = (1 - self.alpha_0) / (self.alpha_0 * (1 - EPS)) if self.alpha_0 else 0.0
             divisor = torch.where(sequential, 1.0, t + offset)
         branch_rows = torch.where(sequential, sequential.sum(), (~sequential).sum())
-        divisor = divisor * (branch_rows / len(t))
-        loss = torch.zeros(masked.shape, device=logits.device)
-        return loss.index_put(rows, ce / divisor[rows[0]])
+        return divisor * (branch_rows / len(t))
 
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int

@@ -69,13 +69,19 @@ class MDLM(Objective):
         vocab: Vocab,
         tp_group: ProcessGroup | None = None,
     ) -> Tensor:
-        """-> [B, L] f32"""
+        """CE of the masked tokens, each divided by its row's `_divisor`. -> [B, L] f32"""
         masked = xt == vocab.mask_id
         rows = masked.nonzero(as_tuple=True)  # host sync: the masked tokens' count
         ce = cross_entropy(logits, vocab.real, x0[rows], rows, tp_group)  # carry-over: masked only
-        if self.loss_type == "elbo":
-            ce = ce / t.float()[rows[0]]
+        divisor = self._divisor(t)
+        if divisor is not None:
+            ce = ce / divisor[rows[0]]
         return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)
+
+    def _divisor(self, t: Tensor) -> Tensor | None:
+        """What a row's masked CE is divided by: t for the ELBO (alpha'/(1 - alpha) = -1/t),
+        nothing for cross_entropy. [B] -> [B] f32 or None"""
+        return t.float() if self.loss_type == "elbo" else None
 
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int

@@ -62,6 +62,11 @@ class Objective(ABC):
         FLOPs accounting."""
         return 0.0
 
+    def check_micro_batch(self, micro_batch: int) -> None:
+        """Raise ConfigError if train.micro_batch cannot hold what the objective puts in a
+        micro-batch (Eso-LM's groups of rows); run at configuration time."""
+        return None  # the other objectives fit any micro-batch
+
     def attention_spec(self) -> AttentionSpec:
         """The backbone's attention pattern for this objective (parallel.config)."""
         return AttentionSpec("causal" if self.causal else "bidirectional")
