@@ -28,7 +28,7 @@ from dlm_pretrain.parallel.config import AttentionSpec
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
 from dlm_pretrain.pretrain.objectives.draws import T_MIN, Samples, categorical, denoiser
 from dlm_pretrain.pretrain.objectives.mdlm import MDLM
-from dlm_pretrain.pretrain.objectives.objective import Denoiser
+from dlm_pretrain.pretrain.objectives.objective import Denoiser, keep_clean
 from dlm_pretrain.pretrain.objectives.randomness import STREAM_ORDER, philox4x32, row_keys
 from dlm_pretrain.pretrain.objectives.schedule import EPS, alpha
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -98,7 +98,7 @@ class EsoLM(MDLM):
         return corrupt(x0, sample_ids, self.seed, vocab, corrupt_p=p, mask_p=p)
 
     def batch(
-        self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab
+        self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab, clean: Tensor | None = None
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]:
         """Inputs (tokens [b_d + 2 b_s, L] = [diffusion | z-halves | x-halves], s, and the
         positions [b_d, L], [b_s, L] of the row kinds the run has) and labels (x0, xt, t)
@@ -106,14 +106,18 @@ class EsoLM(MDLM):
         the micro-batch is a diffusion row iff i mod d < n (micro-batches start at multiples
         of d, so this is the global row's kind: the same on any layout). A short last
         validation chunk leaves out its incomplete group of d rows, so that every figure
-        holds both branches in their proportion."""
+        holds both branches in their proportion. `clean` positions are never masked."""
         usable = len(x0) - len(x0) % self.split.denominator  # see the docstring
         x0, t, sample_ids = x0[:usable], t[:usable], sample_ids[:usable]
         diffusion, sequential = self._row_kinds(usable, x0.device)
+        clean_d = clean_s = None
+        if clean is not None:
+            clean_d, clean_s = clean[:usable][diffusion], clean[:usable][sequential]
         x0_d, x0_s = x0[diffusion], x0[sequential]
-        zt = self.noise(x0_d, t[diffusion], sample_ids[diffusion], vocab)
+        zt = keep_clean(self.noise(x0_d, t[diffusion], sample_ids[diffusion], vocab), x0_d, clean_d)
         p = torch.full_like(t[sequential], 1 - self.alpha_0)
         z0 = corrupt(x0_s, sample_ids[sequential], self.seed, vocab, corrupt_p=p, mask_p=p)
+        z0 = keep_clean(z0, x0_s, clean_s)
         pos_d = self.order(zt, sample_ids[diffusion], vocab)
         pos_s = self.order(z0, sample_ids[sequential], vocab, masks_in_order=True)
         zt, z0 = zt.gather(1, pos_d), z0.gather(1, pos_s)
@@ -124,6 +128,16 @@ class EsoLM(MDLM):
         t = torch.cat([t[diffusion], torch.zeros_like(p)])
         labels = (torch.cat([x0_d, x0_s]), torch.cat([zt, z0]), t)
         return (tokens, s, *positions), labels
+
+    def label_rows(self, rows: int, device: torch.device) -> Tensor:
+        """The diffusion rows, then the sequential ones (as `batch` orders the labels)."""
+        usable = rows - rows % self.split.denominator
+        return torch.cat(self._row_kinds(usable, device))
+
+    def scored_sum(self, losses: Tensor, scored: Tensor) -> Tensor:
+        """The whole row: the labels are in sorted order, and the tokens outside the scored
+        continuation are clean, which score 0 (carry-over)."""
+        return losses.sum(1)
 
     def _kinds(self) -> tuple[bool, bool]:
         spec = self.attention_spec()

@@ -83,13 +83,19 @@ class Objective(ABC):
         [B] -> [B, L] int64 on x0's device"""
 
     def batch(
-        self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab
+        self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab, clean: Tensor | None = None
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]:
         """One micro-batch: the model's inputs (xt, s, and any positions the attention
         pattern takes) and the loss's labels (x0, xt, t). The trainer and validation build
-        every batch here."""
-        xt = self.noise(x0, t, sample_ids, vocab)
+        every batch here; evaluation passes `clean` [B, L] bool, the positions of a context
+        that stays uncorrupted (the likelihood of a continuation given it)."""
+        xt = keep_clean(self.noise(x0, t, sample_ids, vocab), x0, clean)
         return (xt, self.time_input(t)), (x0, xt, t)
+
+    def label_rows(self, rows: int, device: torch.device) -> Tensor:
+        """The batch row each row of the labels (and of the loss) scores, for a batch of
+        `rows` rows. [label rows] int64"""
+        return torch.arange(rows, device=device)
 
     @abstractmethod
     def time_input(self, t: Tensor) -> Tensor:
@@ -123,9 +129,20 @@ class Objective(ABC):
         bound = replace(self, **self.elbo_options)
         return bound.per_token_loss(logits, x0, xt, t, vocab, tp_group)
 
+    def scored_sum(self, losses: Tensor, scored: Tensor) -> Tensor:
+        """Per-row sum of the per-token `losses` [B', L'] over the `scored` positions [B', L]
+        bool (natural order, the label rows'): a continuation's bound given its context.
+        AR's position l scores token l + 1, hence the alignment on the right. -> [B'] f32"""
+        return (losses * scored[:, scored.shape[1] - losses.shape[1] :]).sum(1)
+
     @abstractmethod
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
     ) -> Samples:
         """cfg.num_samples sequences of seq_len tokens (docs/algorithms.md §9); start_id is the
         token before a document, for samplers that start from one."""
+
+
+def keep_clean(xt: Tensor, x0: Tensor, clean: Tensor | None) -> Tensor:
+    """xt with the `clean` positions restored to x0 (all of xt when clean is None)."""
+    return xt if clean is None else torch.where(clean, x0, xt)
