@@ -19,6 +19,7 @@ from pathlib import Path
 from dlm_pretrain.common.config import Section, apply_overrides, keys
 from dlm_pretrain.common.errors import ConfigError, DlmError
 from dlm_pretrain.data_pipeline import PrepareConfig, prepare_dataset, verify_dataset
+from dlm_pretrain.evaluation.options import EvalOptions, check_options
 from dlm_pretrain.launch.launcher import (
     deepspeed_command,
     hostfile_slots,
@@ -124,6 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sample.set_defaults(run=_run_sample)
 
+    _add_eval_command(sub)
     _add_release_commands(sub)
     add_sweep_commands(sub, _add_command)
 
@@ -134,6 +136,36 @@ def _build_parser() -> argparse.ArgumentParser:
         "a short bf16 run, a sample, a resume, tokens/s and MFU",
     )
     return parser
+
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+    """`dlm eval`: every part of evaluation.evaluate as a flag."""
+    cmd = _add_command(
+        sub,
+        "eval",
+        "evaluate runs or exports: likelihood, gen-PPL, sampling speed, Pareto, zero-shot tasks",
+        "dlm eval TARGET [TARGET ...] [--likelihood] [--gen-ppl --judge AR] [--speed] "
+        "[--tasks T1,T2]; with no part named: the likelihood and the speed (and gen-PPL if "
+        "--judge is given). Tables are printed; OUT/eval.json, and with gen-PPL and speed "
+        "OUT/pareto.csv and OUT/pareto.png, are written; metrics go to each run's MLflow run.",
+    )
+    cmd.add_argument("targets", nargs="+", help="run directories or `dlm export-hf` folders")
+    for part in ("likelihood", "gen-ppl", "speed"):
+        cmd.add_argument(f"--{part}", action="store_true", help=f"evaluate the {part}")
+    cmd.add_argument("--tasks", default="", help="lm-eval tasks, comma-separated")
+    cmd.add_argument("--include-path", default="", help="folder of extra lm-eval task YAMLs")
+    cmd.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
+    cmd.add_argument("--data", default="", help="prepared dataset (default: the run's own)")
+    cmd.add_argument("--sequences", type=int, default=256, help="validation sequences")
+    cmd.add_argument("--draws", type=int, default=1, help="t draws per sequence or request")
+    cmd.add_argument("--judge", default="", help="AR run or export, or HF causal LM folder")
+    cmd.add_argument("--samples", type=int, default=16, help="samples per sampler setting")
+    cmd.add_argument("--steps", default="16,64,128", help="sampler steps, comma-separated")
+    cmd.add_argument("--top-p", default="1.0", help="nucleus masses, comma-separated")
+    cmd.add_argument("--batch", type=int, default=16, help="samples per sampler call")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of the sampling draws")
+    cmd.add_argument("--out", type=Path, default=Path("runs/eval"), help="results folder")
+    cmd.set_defaults(run=_run_eval)
 
 
 def _add_release_commands(sub: argparse._SubParsersAction) -> None:
@@ -293,6 +325,43 @@ def _run_sample(args: argparse.Namespace) -> int:
         print(f"===== sample {i} (step {result.step}) =====\n{text}\n")
     print(f"{result.tokens_per_s:.0f} tokens/s, {result.forward_passes} forward passes")
     return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    named = args.likelihood or args.gen_ppl or args.speed or bool(args.tasks)
+    opts = EvalOptions(
+        likelihood=args.likelihood or not named,
+        gen_ppl=args.gen_ppl or (not named and bool(args.judge)),
+        speed=args.speed or not named,
+        tasks=tuple(filter(None, args.tasks.split(","))),
+        include_path=args.include_path,
+        limit=args.limit,
+        data=args.data,
+        sequences=args.sequences,
+        draws=args.draws,
+        judge=args.judge,
+        samples=args.samples,
+        steps=_numbers(args.steps, int, "--steps"),
+        top_p=_numbers(args.top_p, float, "--top-p"),
+        batch=args.batch,
+        seed=args.seed,
+        out=args.out,
+    )
+    check_options(opts)
+    with hidden_prints(args.verbose):
+        from dlm_pretrain.evaluation.evaluate import evaluate, print_tables  # deepspeed
+
+        result = evaluate(args.targets, opts)
+    print_tables(result)
+    print(f"\nresults in {opts.out / 'eval.json'}")
+    return 0
+
+
+def _numbers(text: str, kind: type, flag: str) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r}: give comma-separated numbers") from None
 
 
 def _run_export(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from a Hugging Face export, loads without its data.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -92,3 +92,14 @@ def forward(model: TrainedModel, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
     for layer in model.layers:
         out = layer(out)
     return out
+
+
+def untrained_like(model: TrainedModel, objective: Objective) -> TrainedModel:
+    """The same backbone with freshly initialised weights for another objective: a speed
+    baseline (timing does not depend on the weights)."""
+    groups = init_process_groups(ParallelConfig(), model.runtime)
+    module = build_pipeline(
+        model.model_cfg, groups, objective.attention_spec(), compute_dtype=model.runtime.dtype
+    )
+    module.to(model.runtime.device).eval()
+    return replace(model, objective=objective, module=module)
