@@ -47,7 +47,9 @@ def evaluate(targets: list[str], opts: EvalOptions) -> dict:
             judge = load_judge(opts.judge, model.runtime.device)
         reports[model.name] = _evaluate_target(model, opts, judge)
         if opts.speed and not baseline:
-            baseline = [asdict(p) | _rate(p) for p in ar_baseline(model, _batches(opts))]
+            baseline = [
+                asdict(p) | _rate(p) for p in ar_baseline(model, _batches(opts), opts.repeats)
+            ]
         runs.append((model.name, model.run_dir, model.cfg, model.step))
         del model  # one target's weights in memory at a time
     result = {"targets": {k: asdict(v) for k, v in reports.items()}, "ar_baseline": baseline}
@@ -80,7 +82,8 @@ def _evaluate_target(model: TrainedModel, opts: EvalOptions, judge) -> TargetRep
             log.info("%s: T=%d top_p=%g gen-PPL %.2f", model.name, steps, top_p, scored.gen_ppl)
     if opts.speed:
         report.speed = [
-            asdict(p) | _rate(p) for p in sampling_speed(model, list(opts.steps), _batches(opts))
+            asdict(p) | _rate(p)
+            for p in sampling_speed(model, list(opts.steps), _batches(opts), repeats=opts.repeats)
         ]
     if opts.tasks:
         from dlm_pretrain.evaluation.harness import run_tasks

@@ -23,6 +23,7 @@ class EvalOptions:
     steps: tuple[int, ...] = (16, 64, 128)
     top_p: tuple[float, ...] = (1.0,)
     batch: int = 16  # samples per sampler call; speed is timed at batch 1 and this
+    repeats: int = 3  # timed calls per speed figure (the median is reported)
     include_path: str = ""  # lm-eval task folders
     limit: int | None = None  # lm-eval: documents per task
     out: Path = Path("runs/eval")
@@ -35,5 +36,7 @@ def check_options(opts: EvalOptions) -> None:
         raise ConfigError("--gen-ppl needs --judge: an AR run or export, or a HF causal LM folder")
     if not (opts.likelihood or opts.gen_ppl or opts.speed or opts.tasks):
         raise ConfigError("nothing to evaluate: choose --likelihood, --gen-ppl, --speed or --tasks")
-    if min(opts.steps) < 1 or opts.batch < 1 or opts.samples < 1 or opts.sequences < 1:
-        raise ConfigError("--steps, --batch, --samples and --sequences must be at least 1")
+    if min(opts.steps) < 1 or min(opts.batch, opts.samples, opts.sequences, opts.repeats) < 1:
+        raise ConfigError(
+            "--steps, --batch, --samples, --sequences and --repeats must be at least 1"
+        )

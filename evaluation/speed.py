@@ -55,15 +55,17 @@ def synchronize(model: TrainedModel) -> None:
 
 
 def sampling_speed(
-    model: TrainedModel, steps: list[int], batches: list[int], name: str = ""
+    model: TrainedModel, steps: list[int], batches: list[int], name: str = "", repeats: int = 3
 ) -> list[SpeedPoint]:
-    """One timed call per (steps, batch); AR models take one call per batch."""
+    """The median of `repeats` timed calls per (steps, batch); AR's steps are its length."""
     settings = [model.seq_len - 1] if isinstance(model.objective, AR) else steps
     points = []
     for batch in batches:
         timed_sampling(model, SamplingConfig(steps=min(settings), num_samples=batch))  # warm-up
         for count in settings:
-            seconds, passes = timed_sampling(model, SamplingConfig(steps=count, num_samples=batch))
+            sampling = SamplingConfig(steps=count, num_samples=batch)
+            runs = sorted(timed_sampling(model, sampling) for _ in range(repeats))
+            seconds, passes = runs[len(runs) // 2]
             kind = type(model.objective).__name__
             points.append(
                 SpeedPoint(name or model.name, kind, count, batch, model.seq_len, seconds, passes)
@@ -71,7 +73,8 @@ def sampling_speed(
     return points
 
 
-def ar_baseline(model: TrainedModel, batches: list[int]) -> list[SpeedPoint]:
+def ar_baseline(model: TrainedModel, batches: list[int], repeats: int = 3) -> list[SpeedPoint]:
     """AR with its cache on the target's backbone (the target itself if it is AR)."""
     ar = model if isinstance(model.objective, AR) else untrained_like(model, AR())
-    return sampling_speed(ar, [], batches, name=f"AR baseline ({model.cfg.model.size})")
+    name = f"AR baseline ({model.cfg.model.size})"
+    return sampling_speed(ar, [], batches, name=name, repeats=repeats)

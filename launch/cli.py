@@ -163,6 +163,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--steps", default="16,64,128", help="sampler steps, comma-separated")
     cmd.add_argument("--top-p", default="1.0", help="nucleus masses, comma-separated")
     cmd.add_argument("--batch", type=int, default=16, help="samples per sampler call")
+    cmd.add_argument("--repeats", type=int, default=3, help="timed calls per speed figure")
     cmd.add_argument("--seed", type=int, default=0, help="seed of the sampling draws")
     cmd.add_argument("--out", type=Path, default=Path("runs/eval"), help="results folder")
     cmd.set_defaults(run=_run_eval)
@@ -344,6 +345,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         steps=_numbers(args.steps, int, "--steps"),
         top_p=_numbers(args.top_p, float, "--top-p"),
         batch=args.batch,
+        repeats=args.repeats,
         seed=args.seed,
         out=args.out,
     )
