@@ -14,7 +14,7 @@ from dlm_pretrain.evaluation.generation import load_judge, sample_texts, score
 from dlm_pretrain.evaluation.likelihood import check_draws, dataset_likelihood
 from dlm_pretrain.evaluation.options import EvalOptions, check_options
 from dlm_pretrain.evaluation.pareto import ParetoPoint, mark_frontier, write_pareto
-from dlm_pretrain.evaluation.speed import SpeedPoint, ar_baseline, sampling_speed
+from dlm_pretrain.evaluation.speed import Sampler, SpeedPoint, ar_baseline, sampling_speed
 from dlm_pretrain.evaluation.target import load_target
 from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig
 from dlm_pretrain.pretrain.tracking import Tracker, default_tracking_uri
@@ -83,7 +83,9 @@ def _evaluate_target(model: TrainedModel, opts: EvalOptions, judge) -> TargetRep
     if opts.speed:
         report.speed = [
             asdict(p) | _rate(p)
-            for p in sampling_speed(model, list(opts.steps), _batches(opts), repeats=opts.repeats)
+            for p in sampling_speed(
+                Sampler.of(model), list(opts.steps), _batches(opts), model.name, opts.repeats
+            )
         ]
     if opts.tasks:
         from dlm_pretrain.evaluation.harness import run_tasks

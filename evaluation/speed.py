@@ -9,13 +9,16 @@ The baseline is AR with its key/value cache on the same backbone, timed in the s
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from dlm_pretrain.pretrain.config import SamplingConfig
-from dlm_pretrain.pretrain.objectives import AR
+from dlm_pretrain.pretrain.objectives import AR, Objective
+from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from dlm_pretrain.pretrain.sampling import generate
 from dlm_pretrain.pretrain.trained_model import TrainedModel, untrained_like
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -33,43 +36,66 @@ class SpeedPoint:
         return self.batch * self.seq_len / self.seconds
 
 
-def timed_sampling(model: TrainedModel, sampling: SamplingConfig) -> tuple[float, int]:
+@dataclass(frozen=True)
+class Sampler:
+    """What a timing needs: the objective's sampler over these layers."""
+
+    objective: Objective
+    layers: Sequence[nn.Module]
+    vocab: Vocab
+    seq_len: int
+    start_id: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: TrainedModel) -> Sampler:
+        special = model.tokenizer.special
+        return cls(
+            model.objective,
+            model.layers,
+            model.vocab,
+            model.seq_len,
+            special.eos,
+            model.runtime.device,
+        )
+
+
+def timed_sampling(sampler: Sampler, sampling: SamplingConfig) -> tuple[float, int]:
     """Seconds and forward passes of one `generate` call, synchronised with the device."""
-    synchronize(model)
+    _synchronize(sampler.device)
     start = time.perf_counter()
     samples = generate(
-        model.objective,
-        model.layers,
-        model.vocab,
+        sampler.objective,
+        sampler.layers,
+        sampler.vocab,
         sampling,
-        model.seq_len,
-        model.tokenizer.special.eos,
+        sampler.seq_len,
+        sampler.start_id,
     )
-    synchronize(model)
+    _synchronize(sampler.device)
     return time.perf_counter() - start, samples.forward_passes
 
 
-def synchronize(model: TrainedModel) -> None:
-    if model.runtime.device.type == "cuda":
-        torch.cuda.synchronize(model.runtime.device)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def sampling_speed(
-    model: TrainedModel, steps: list[int], batches: list[int], name: str = "", repeats: int = 3
+    sampler: Sampler, steps: list[int], batches: list[int], name: str, repeats: int = 3
 ) -> list[SpeedPoint]:
-    """The median of `repeats` timed calls per (steps, batch); AR's steps are its length."""
-    settings = [model.seq_len - 1] if isinstance(model.objective, AR) else steps
+    """The median of `repeats` timed calls per (steps, batch), each batch size warmed up
+    once; AR's steps are its length."""
+    settings = [sampler.seq_len - 1] if isinstance(sampler.objective, AR) else steps
+    kind = type(sampler.objective).__name__
     points = []
     for batch in batches:
-        timed_sampling(model, SamplingConfig(steps=min(settings), num_samples=batch))  # warm-up
+        timed_sampling(sampler, SamplingConfig(steps=min(settings), num_samples=batch))
         for count in settings:
             sampling = SamplingConfig(steps=count, num_samples=batch)
-            runs = sorted(timed_sampling(model, sampling) for _ in range(repeats))
+            runs = sorted(timed_sampling(sampler, sampling) for _ in range(repeats))
             seconds, passes = runs[len(runs) // 2]
-            kind = type(model.objective).__name__
-            points.append(
-                SpeedPoint(name or model.name, kind, count, batch, model.seq_len, seconds, passes)
-            )
+            points.append(SpeedPoint(name, kind, count, batch, sampler.seq_len, seconds, passes))
     return points
 
 
@@ -77,4 +103,4 @@ def ar_baseline(model: TrainedModel, batches: list[int], repeats: int = 3) -> li
     """AR with its cache on the target's backbone (the target itself if it is AR)."""
     ar = model if isinstance(model.objective, AR) else untrained_like(model, AR())
     name = f"AR baseline ({model.cfg.model.size})"
-    return sampling_speed(ar, [], batches, name=name, repeats=repeats)
+    return sampling_speed(Sampler.of(ar), [], batches, name, repeats)
