@@ -36,7 +36,9 @@ OBJECTIVES: dict[str, Objective] = {
 def _sampler(objective: Objective, cfg: ModelConfig, vocab: Vocab, runtime: Runtime) -> Sampler:
     with hidden_prints(verbose=False):  # DeepSpeed's PipelineModule prints its layout
         groups = init_process_groups(ParallelConfig(), runtime)
-        module = build_pipeline(cfg, groups, objective.attention_spec(), runtime.dtype)
+        module = build_pipeline(
+            cfg, groups, objective.attention_spec(), compute_dtype=runtime.dtype
+        )
     module.to(runtime.device).eval()
     return Sampler(
         objective, module.forward_funcs, vocab.to(runtime.device), cfg.seq_len, 1, runtime.device
