@@ -3,6 +3,7 @@ through `dlm import-hf` into a temporary run directory; the model stays in memor
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,9 @@ def load_target(path: str | Path) -> TrainedModel:
     if is_hf_export(path):
         with tempfile.TemporaryDirectory(prefix="dlm-eval-") as tmp:
             import_hf(path, Path(tmp) / path.name)
-            return replace(load_trained_model(Path(tmp) / path.name), run_dir=path)
+            model = load_trained_model(Path(tmp) / path.name)
+        step = json.loads((path / "config.json").read_text())["dlm_checkpoint"]["step"]
+        return replace(model, run_dir=path, step=step)  # the exported training step
     raise ConfigError(
         f"{path} is neither a run directory (config.yaml) nor a `dlm export-hf` folder "
         "(config.json); pass one of those"
