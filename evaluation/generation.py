@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from dlm_pretrain.checkpoints_tools.export_hf import RUN_CONFIG_KEY
 from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.evaluation.likelihood import sequence_nats
-from dlm_pretrain.evaluation.target import is_hf_export, is_run_dir, load_target
+from dlm_pretrain.evaluation.target import is_hf_export, is_our_export, is_run_dir, load_target
 from dlm_pretrain.pretrain.config import SamplingConfig
 from dlm_pretrain.pretrain.objectives import AR
 from dlm_pretrain.pretrain.sampling import generate
@@ -150,9 +149,7 @@ class HFJudge:
 def load_judge(path: str | Path, device: torch.device) -> Judge:
     """Our AR run or export, else any Hugging Face causal LM folder."""
     path = Path(path)
-    if is_run_dir(path) or (
-        is_hf_export(path) and RUN_CONFIG_KEY in (path / "config.json").read_text()
-    ):
+    if is_run_dir(path) or is_our_export(path):
         return RunJudge(load_target(path))
     if is_hf_export(path):
         return HFJudge(path, device)

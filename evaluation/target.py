@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from dlm_pretrain.checkpoints_tools.export_hf import RUN_CONFIG_KEY
 from dlm_pretrain.checkpoints_tools.import_hf import import_hf
 from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.pretrain.trained_model import TrainedModel, load_trained_model
@@ -19,6 +20,11 @@ def is_run_dir(path: Path) -> bool:
 
 def is_hf_export(path: Path) -> bool:
     return (path / "config.json").is_file()
+
+
+def is_our_export(path: Path) -> bool:
+    """A Hugging Face folder `dlm export-hf` wrote (its config.json holds the run's config)."""
+    return is_hf_export(path) and RUN_CONFIG_KEY in json.loads((path / "config.json").read_text())
 
 
 def load_target(path: str | Path) -> TrainedModel:
