@@ -152,6 +152,11 @@ class SamplingConfig(Section):
         "still undecided, ancestral = a draw with alpha_s = 1; default = the family's own "
         "(Duo greedy, MDLM and GIDD ancestral); AR and Eso-LM have none (only default)",
     )
+    start_token: Literal["bos", "eos"] = Field(
+        default="bos",
+        description="AR's first token: bos as the paper's code (eos if the tokenizer has no "
+        "BOS), or eos, the token before every document in our packed data",
+    )
     seed: int = Field(default=0, ge=0, description="seed of the sampling draws")
     kv_cache: bool = Field(default=True, description="Eso-LM: keep decoded tokens' keys, values")
 

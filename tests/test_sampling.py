@@ -1,6 +1,6 @@
 """Samplers: nucleus and categorical draws; Duo's posterior and its nucleus against float64
 references; the last step (greedy, ancestral) and the placement of top_p on a denoiser of
-fixed random logits; and models trained briefly on a repetitive corpus
+fixed random logits; AR's start token; and models trained briefly on a repetitive corpus
 reproduce its pattern with each family's sampler."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 from dlm_pretrain.common.errors import ConfigError
+from dlm_pretrain.data_pipeline.tokenizer import SpecialIds
 from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
@@ -18,7 +19,7 @@ from dlm_pretrain.pretrain.objectives import AR, GIDD, MDLM, Duo, EsoLM, duo, md
 from dlm_pretrain.pretrain.objectives.draws import categorical, denoiser, nucleus
 from dlm_pretrain.pretrain.objectives.schedule import alpha, sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
-from dlm_pretrain.pretrain.sampling import generate
+from dlm_pretrain.pretrain.sampling import generate, start_id
 
 CYCLE = torch.tensor([5, 6, 7, 8, 9, 10, 11])
 VOCAB = Vocab.build(16, mask_id=4, never_in_data=(3,))  # ids 12..15 are real but never seen
@@ -176,6 +177,17 @@ def test_top_p_placement_changes_only_duo(objective):
 def test_families_without_a_last_step_refuse_a_final_step(objective):
     with pytest.raises(ConfigError, match="final_step='greedy' does not apply"):
         objective.sample(FixedDenoiser(seed=0), VOCAB, SamplingConfig(final_step="greedy"), L, 5)
+
+
+def test_ar_starts_from_bos_if_the_tokenizer_has_one_else_eos():
+    with_bos = SpecialIds(bos=1, eos=2, unk=0, pad=None, mask=4)
+    without = SpecialIds(bos=-1, eos=2, unk=0, pad=None, mask=4)
+    assert start_id(with_bos, SamplingConfig()) == 1
+    assert start_id(with_bos, SamplingConfig(start_token="eos")) == 2
+    assert start_id(without, SamplingConfig()) == 2
+    cfg = SamplingConfig(num_samples=3)
+    tokens = AR().sample(FixedDenoiser(seed=0), VOCAB, cfg, L, start_id(with_bos, cfg)).tokens
+    assert (tokens[:, 0] == 1).all() and tokens.shape == (3, L)
 
 
 def _batch(g: torch.Generator, n: int) -> torch.Tensor:
