@@ -148,9 +148,9 @@ class SamplingConfig(Section):
     )
     final_step: Literal[FINAL_STEPS] = Field(
         default="default",
-        description="the last step at t = 1e-5 (MDLM, Duo, GIDD): greedy = argmax x̂ where "
-        "still undecided, ancestral = a draw with alpha_s = 1; default = the family's own "
-        "(Duo greedy, MDLM and GIDD ancestral); AR and Eso-LM have none (only default)",
+        description="the last step (MDLM, Duo: from t = 1e-5; GIDD: to s = 0): greedy = "
+        "argmax x̂ where still undecided, ancestral = a draw with alpha_s = 1; default = the "
+        "family's own (Duo greedy, MDLM and GIDD ancestral); AR and Eso-LM have none",
     )
     start_token: Literal["bos", "eos"] = Field(
         default="bos",
