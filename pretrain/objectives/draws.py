@@ -17,7 +17,7 @@ from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 
 T_MIN = 1e-5  # the reverse process runs from t = 1 down to here (docs/algorithms.md §9)
-# sampling.final_step: the last step at T_MIN, "default" being the family's own
+# sampling.final_step: how the last step decides, "default" being the family's own
 FINAL_STEPS = ("default", "greedy", "ancestral")
 # sampling.top_p_on: where the nucleus filters, "reference" as the paper's code does it
 TOP_P_PLACEMENTS = ("reference", "denoiser")
