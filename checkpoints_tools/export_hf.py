@@ -157,6 +157,9 @@ class _Export:
             "sampling_top_p": sampling.top_p,
             "sampling_seed": sampling.seed,
             "sampling_t_min": T_MIN,
+            "sampling_final_step": sampling.final_step,
+            "sampling_top_p_on": sampling.top_p_on,
+            "sampling_start_token": sampling.start_token,
             RUN_CONFIG_KEY: self.cfg.to_dict(),
             "dlm_checkpoint": {key: self.meta[key] for key in ("step", "layout", "vocab_size")},
         }

@@ -16,6 +16,7 @@ from dlm_pretrain.data_pipeline.config import DataConfig
 from dlm_pretrain.parallel.config import SIZES, ParallelConfig
 from dlm_pretrain.pretrain.flops import CONVENTIONS
 from dlm_pretrain.pretrain.objectives import OBJECTIVES, build_objective
+from dlm_pretrain.pretrain.objectives.draws import FINAL_STEPS, TOP_P_PLACEMENTS
 from dlm_pretrain.pretrain.objectives.gidd import LOSS_WEIGHTINGS
 from dlm_pretrain.pretrain.objectives.mdlm import LOSS_TYPES
 from pydantic import Field, model_validator
@@ -132,9 +133,30 @@ class TrackingConfig(Section):
 class SamplingConfig(Section):
     """What `dlm sample` generates from a run's latest checkpoint."""
 
-    steps: int = Field(default=128, ge=1, description="denoising steps (MDLM, Duo)")
+    steps: int = Field(
+        default=128,
+        ge=1,
+        description="diffusion steps (the paper's config: 1000); AR always takes seq_len - 1, "
+        "Eso-LM adds one per token of its sequential tail",
+    )
     num_samples: int = Field(default=4, ge=1, description="sequences to generate")
     top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus mass kept (1: no filtering)")
+    top_p_on: Literal[TOP_P_PLACEMENTS] = Field(
+        default="reference",
+        description="where top_p filters: reference = as the paper's code (Duo: the posterior, "
+        "the others: x̂); denoiser = x̂ in every family (the same for all but Duo)",
+    )
+    final_step: Literal[FINAL_STEPS] = Field(
+        default="default",
+        description="the last step (MDLM, Duo: from t = 1e-5; GIDD: to s = 0): greedy = "
+        "argmax x̂ where still undecided, ancestral = a draw with alpha_s = 1; default = the "
+        "family's own (Duo greedy, MDLM and GIDD ancestral); AR and Eso-LM have none",
+    )
+    start_token: Literal["bos", "eos"] = Field(
+        default="bos",
+        description="AR's first token: bos as the paper's code (eos if the tokenizer has no "
+        "BOS), or eos, the token before every document in our packed data",
+    )
     seed: int = Field(default=0, ge=0, description="seed of the sampling draws")
     kv_cache: bool = Field(default=True, description="Eso-LM: keep decoded tokens' keys, values")
 

@@ -15,7 +15,7 @@ from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import SamplingConfig, load_config
 from dlm_pretrain.pretrain.model_spec import model_spec
 from dlm_pretrain.pretrain.objectives import build_objective
-from dlm_pretrain.pretrain.sampling import generate
+from dlm_pretrain.pretrain.sampling import generate, start_id
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
         vocab,
         sampling,
         manifest.seq_len,
-        start_id=tokenizer.special.eos,
+        start_id(tokenizer.special, sampling),
     )
     seconds = time.perf_counter() - start
     step = checkpoint.read_meta(folder)["step"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from dlm_pretrain.data_pipeline.tokenizer import SpecialIds
 from dlm_pretrain.parallel.attention import KVCache
 from dlm_pretrain.pretrain.config import SamplingConfig
 from dlm_pretrain.pretrain.objectives.draws import Samples
@@ -60,3 +61,12 @@ def generate(
     for layer in layers:
         layer.eval()
     return objective.sample(_Layers(layers), vocab, cfg, seq_len, start_id)
+
+
+def start_id(special: SpecialIds, cfg: SamplingConfig) -> int:
+    """The token AR samples after (docs/algorithms.md §9.4): BOS, as the paper's code, unless
+    cfg.start_token is "eos" or the tokenizer has no BOS (special.bos < 0); EOS is what
+    precedes every document in our packed data, which holds no BOS."""
+    if cfg.start_token == "bos" and special.bos >= 0:
+        return special.bos
+    return special.eos

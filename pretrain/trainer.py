@@ -32,7 +32,7 @@ from dlm_pretrain.pretrain.model_spec import flops_per_sequence, model_spec, tot
 from dlm_pretrain.pretrain.objectives import Objective, build_objective
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
-from dlm_pretrain.pretrain.sampling import generate
+from dlm_pretrain.pretrain.sampling import generate, start_id
 from dlm_pretrain.pretrain.tracking import Tracker, default_tracking_uri, plot_losses
 
 log = logging.getLogger(__name__)
@@ -429,13 +429,14 @@ def _validate_and_sample(r: _Run, state) -> None:
 
 def _write_samples(r: _Run, step: int) -> None:
     """Every rank samples (tensor ranks gather the logits together); rank 0 writes."""
+    cfg = SamplingConfig(steps=r.cfg.train.sample_steps, num_samples=r.cfg.train.num_samples)
     samples = generate(
         r.objective,
         r.engine.module.forward_funcs,
         r.vocab,
-        SamplingConfig(steps=r.cfg.train.sample_steps, num_samples=r.cfg.train.num_samples),
+        cfg,
         r.manifest.seq_len,
-        start_id=r.tokenizer.special.eos,
+        start_id(r.tokenizer.special, cfg),
     )
     r.engine.module.train()
     if not r.is_logger:

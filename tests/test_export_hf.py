@@ -20,6 +20,22 @@ OBJECTIVES = ("ar", "mdlm", "duo", "gidd", "esolm")
 # Eso-LM with both branches: the exported sampler must also decode the sequential tail
 OPTIONS = {"esolm": ("objective.alpha_0=0.5", "objective.batch_split=0.5")}
 SAMPLING = {"num_samples": 2, "steps": 8, "seed": 5}
+# Non-default sampler options, sampled after the defaults (top_p < 1 so that its placement
+# matters; at 8 steps about 1/8 of GIDD's tokens are still masked at its last step).
+OPTION_SETTINGS = {
+    "duo": [
+        {"final_step": "ancestral", "top_p": 0.9},  # the posterior's nucleus, at alpha_s = 1 too
+        {"top_p": 0.9, "top_p_on": "denoiser"},
+    ],
+    "mdlm": [{"final_step": "greedy", "top_p": 0.9}],
+    "gidd": [{"final_step": "greedy", "top_p": 0.9}],
+    "ar": [{"start_token": "eos", "top_p": 0.9}],
+}
+# What each exported model's `sample` takes of our SamplingConfig (AR: no steps, no last step)
+HF_SAMPLE_KEYS = {
+    "DLMForCausalLM": ("num_samples", "seed", "top_p", "start_token"),
+    "DLMForMaskedLM": ("num_samples", "seed", "top_p", "steps", "final_step", "top_p_on"),
+}
 # One interpreter for every export: transformers alone, our package refused at import.
 HF_SCRIPT = r"""
 import json, sys
@@ -41,12 +57,12 @@ for job in json.loads(open(sys.argv[1]).read()):
     with torch.no_grad():
         out = {"logits": model(**torch.load(job["inputs"])).logits}
     out["dtype"] = str(next(model.parameters()).dtype)
-    if job["sample"]:
+    if job["samples"]:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             job["folder"], trust_remote_code=True
         )
-        out["samples"] = model.sample(**job["sample"])
-        out["texts"] = tokenizer.batch_decode(out["samples"])
+        out["samples"] = [model.sample(**settings) for settings in job["samples"]]
+        out["texts"] = tokenizer.batch_decode(out["samples"][0])
     torch.save(out, job["outputs"])
 """
 
@@ -90,13 +106,14 @@ def _our_model(run_dir: Path):
 
 
 @torch.no_grad()
-def _reference(run_dir: Path, inputs: Path, seed: int, sample: bool) -> dict:
+def _reference(run_dir: Path, inputs: Path, seed: int, samplings: list[dict]) -> dict:
     """Our logits on fresh token ids and times (t near 1e-3 and near 1 included), restricted
-    to the tokenizer's ids, and, if asked, our samples; the inputs are saved to `inputs` as the
-    exported forward's arguments. Sorted attention also gets a random order of each row, in
-    the stage tuple's layout (objective.batch)."""
+    to the tokenizer's ids, and our samples under each of `samplings` (SamplingConfig
+    settings); the inputs are saved to `inputs` as the exported forward's arguments. Sorted
+    attention also gets a random order of each row, in the stage tuple's layout
+    (objective.batch)."""
     from dlm_pretrain.pretrain.config import SamplingConfig
-    from dlm_pretrain.pretrain.sampling import _Layers, generate
+    from dlm_pretrain.pretrain.sampling import _Layers, generate, start_id
 
     objective, layers, vocab, tokenizer, seq_len = _our_model(run_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -114,11 +131,11 @@ def _reference(run_dir: Path, inputs: Path, seed: int, sample: bool) -> dict:
         for layer in layers:
             logits = layer(logits)
     torch.save(hf_inputs, inputs)
-    reference = {"logits": logits[..., : tokenizer.vocab_size]}
-    if sample:
-        cfg = SamplingConfig(**SAMPLING)
-        eos = tokenizer.special.eos
-        reference["samples"] = generate(objective, layers, vocab, cfg, seq_len, eos).tokens
+    reference = {"logits": logits[..., : tokenizer.vocab_size], "samples": []}
+    for settings in samplings:
+        cfg = SamplingConfig(**settings)
+        first = start_id(tokenizer.special, cfg)
+        reference["samples"].append(generate(objective, layers, vocab, cfg, seq_len, first).tokens)
     return reference
 
 
@@ -132,29 +149,29 @@ def _run_hf(jobs: list[dict], work: Path) -> None:
 
 
 def _export_and_compare(exports: dict[str, tuple], work: Path) -> dict[str, dict]:
-    """name -> (run dir, export_hf options, whether to sample): export, then our and
-    transformers' outputs."""
+    """name -> (run dir, export_hf options, SamplingConfig settings to sample with): export,
+    then our and transformers' outputs."""
     from dlm_pretrain.checkpoints_tools.export_hf import ARCHITECTURES, export_hf
     from dlm_pretrain.pretrain.config import load_config
 
     jobs, results = [], {}
-    for i, (name, (run_dir, options, sample)) in enumerate(exports.items()):
+    for i, (name, (run_dir, options, samplings)) in enumerate(exports.items()):
         folder = export_hf(run_dir, work / name, **options)
         inputs, outputs = work / f"{name}.inputs.pt", work / f"{name}.outputs.pt"
-        results[name] = {"folder": folder, "ours": _reference(run_dir, inputs, i, sample)}
+        results[name] = {"folder": folder, "ours": _reference(run_dir, inputs, i, samplings)}
         objective = load_config(str(run_dir / "config.yaml"), []).objective.name
-        auto = ARCHITECTURES[objective][1]
+        architecture, auto, _ = ARCHITECTURES[objective]
+        keys = HF_SAMPLE_KEYS[architecture]
+        samples = [{k: v for k, v in settings.items() if k in keys} for settings in samplings]
         jobs.append(
             {
                 "folder": str(folder),
                 "auto": auto,
                 "inputs": str(inputs),
                 "outputs": str(outputs),
-                "sample": SAMPLING if sample and objective != "ar" else None,
+                "samples": samples,
             }
         )
-        if sample and objective == "ar":  # AR samples one token per forward: no steps
-            jobs[-1]["sample"] = {k: v for k, v in SAMPLING.items() if k != "steps"}
     _run_hf(jobs, work)
     for name, job in zip(results, jobs, strict=True):
         results[name]["hf"] = torch.load(job["outputs"])
@@ -187,9 +204,12 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def exported(runs, tmp_path_factory) -> dict[str, dict]:
-    exports = {objective: (run_dir, {}, True) for objective, run_dir in runs.items()}
-    exports["mdlm-sharded"] = (runs["mdlm"], {"max_shard_bytes": 100_000}, False)
-    exports["duo-bf16"] = (runs["duo"], {"dtype": "bfloat16"}, False)
+    exports = {}
+    for objective, run_dir in runs.items():
+        options = [{**SAMPLING, **o} for o in OPTION_SETTINGS.get(objective, [])]
+        exports[objective] = (run_dir, {}, [SAMPLING, *options])
+    exports["mdlm-sharded"] = (runs["mdlm"], {"max_shard_bytes": 100_000}, [])
+    exports["duo-bf16"] = (runs["duo"], {"dtype": "bfloat16"}, [])
     return _export_and_compare(exports, tmp_path_factory.mktemp("exports"))
 
 
@@ -201,10 +221,18 @@ def test_exported_logits_equal_ours(exported, objective):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_exported_sampler_gives_our_tokens(exported, objective):
     """Same seed, same draws: the exported sampler repeats pretrain/sampling.py token for
-    token; the tokenizer decodes them (the model card's three lines)."""
+    token, with the default options and with OPTION_SETTINGS; the tokenizer decodes them (the
+    model card's three lines). AR starts from BOS by default, from EOS on request."""
     result = exported[objective]
-    assert torch.equal(result["hf"]["samples"], result["ours"]["samples"])
+    settings = [SAMPLING, *OPTION_SETTINGS.get(objective, [])]
+    ours, hf = result["ours"]["samples"], result["hf"]["samples"]
+    for options, our_tokens, hf_tokens in zip(settings, ours, hf, strict=True):
+        assert torch.equal(hf_tokens, our_tokens), options
     assert len(result["hf"]["texts"]) == SAMPLING["num_samples"]
+    if objective == "ar":
+        config = json.loads((result["folder"] / "config.json").read_text())
+        assert (ours[0][:, 0] == config["bos_token_id"]).all() and config["bos_token_id"] >= 0
+        assert (ours[1][:, 0] == config["eos_token_id"]).all()
 
 
 def test_sharded_export_loads(exported):
@@ -352,5 +380,5 @@ def test_the_export_of_a_tensor2_pipeline2_checkpoint_gives_our_logits(dataset, 
     subprocess.run(command, check=True, env=ONE_THREAD, stdout=subprocess.DEVNULL)
     saved = read_meta(run_dir / "checkpoints" / "step00000002")["layout"]
     assert (saved["tensor"], saved["pipeline"]) == (2, 2)
-    results = _export_and_compare({"t2xp2": (run_dir, {}, False)}, tmp_path / "exports")
+    results = _export_and_compare({"t2xp2": (run_dir, {}, [])}, tmp_path / "exports")
     _assert_same_logits(results["t2xp2"])

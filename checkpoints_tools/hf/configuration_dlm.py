@@ -35,8 +35,8 @@ class DLMConfig(PretrainedConfig):
     layer_norm_eps: float = 1e-5
     # special ids; excluded ids (the mask, the pad) are never predicted or sampled
     mask_token_id: int = 32000
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None  # precedes every document; the AR sampler starts from it
+    bos_token_id: int | None = None  # AR's first token by default (if >= 0), as the paper's
+    eos_token_id: int | None = None  # precedes every document; AR's start with start_token eos
     pad_token_id: int | None = None
     excluded_token_ids: list[int] | None = None
     # objective: its attention as in ATTENTION; Duo conditions on sigma_t = -log(alpha_t) with
@@ -50,11 +50,15 @@ class DLMConfig(PretrainedConfig):
     gamma: float = 1.0
     # Eso-LM: the clean share where diffusion ends; its sampler decodes the rest in order
     alpha_0: float = 1.0
-    # sampler defaults: the reverse process runs from t = 1 to sampling_t_min
+    # sampler defaults: the reverse process runs from t = 1 to sampling_t_min; final_step,
+    # top_p_on and AR's start_token as in sampling_dlm.py
     sampling_steps: int = 128
     sampling_top_p: float = 1.0
     sampling_seed: int = 0
     sampling_t_min: float = 1e-5
+    sampling_final_step: str = "default"
+    sampling_top_p_on: str = "reference"
+    sampling_start_token: str = "bos"
 
     def __post_init__(self, **kwargs) -> None:
         if self.objective not in OBJECTIVES:

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 
 from .configuration_dlm import DLMConfig
-from .sampling_dlm import SAMPLERS, categorical, nucleus
+from .sampling_dlm import SAMPLERS, categorical, check_options, nucleus, start_id
 
 
 class LayerNorm(nn.Module):
@@ -275,6 +275,14 @@ class DLMPreTrainedModel(PreTrainedModel):
             c.seq_len if seq_len is None else seq_len,
         )
 
+    def _options(self, final_step, top_p_on) -> tuple[str, str]:
+        """final_step and top_p_on (sampling_dlm.py), the config's where not given."""
+        c = self.config
+        final_step = c.sampling_final_step if final_step is None else final_step
+        top_p_on = c.sampling_top_p_on if top_p_on is None else top_p_on
+        check_options(final_step, top_p_on)
+        return final_step, top_p_on
+
 
 class DLMForMaskedLM(DLMPreTrainedModel):
     """MDLM, Duo and GIDD: bidirectional denoisers of all L positions at once; Eso-LM: a
@@ -303,12 +311,16 @@ class DLMForMaskedLM(DLMPreTrainedModel):
         top_p: float | None = None,
         seed: int | None = None,
         seq_len: int | None = None,
+        final_step: str | None = None,
+        top_p_on: str | None = None,
     ) -> Tensor:
-        """Ancestral sampling from the prior (the config's defaults for what is not given).
-        -> [num_samples, seq_len] int64"""
+        """Ancestral sampling from the prior (the config's defaults for what is not given;
+        final_step and top_p_on as in sampling_dlm.py). -> [num_samples, seq_len] int64"""
         steps, top_p, seed, seq_len = self._defaults(steps, top_p, seed, seq_len)
+        options = self._options(final_step, top_p_on)
         generator = torch.Generator().manual_seed(seed)
-        return SAMPLERS[self.config.objective](self, num_samples, seq_len, steps, top_p, generator)
+        sampler = SAMPLERS[self.config.objective]
+        return sampler(self, num_samples, seq_len, steps, top_p, generator, *options)
 
 
 class DLMForCausalLM(DLMPreTrainedModel):
@@ -330,14 +342,18 @@ class DLMForCausalLM(DLMPreTrainedModel):
         top_p: float | None = None,
         seed: int | None = None,
         seq_len: int | None = None,
+        start_token: str | None = None,
     ) -> Tensor:
-        """Left to right from EOS (the token before every training document), one forward per
-        token with keys and values cached. -> [num_samples, seq_len] int64, EOS first"""
+        """Left to right from BOS ("bos", as the paper's code; EOS without a BOS) or EOS
+        ("eos", the token before every training document), one forward per token with keys
+        and values cached; top_p filters x̂ (AR has no final_step, and top_p_on changes
+        nothing). -> [num_samples, seq_len] int64, the start token first"""
         _, top_p, seed, seq_len = self._defaults(None, top_p, seed, seq_len)
+        start = self.config.sampling_start_token if start_token is None else start_token
         generator = torch.Generator().manual_seed(seed)
         caches = self.backbone.caches()
-        eos = self.config.eos_token_id
-        tokens = torch.full((num_samples, 1), eos, dtype=torch.int64, device=self.device)
+        first = start_id(self.config, start)
+        tokens = torch.full((num_samples, 1), first, dtype=torch.int64, device=self.device)
         s = torch.zeros(num_samples, device=self.device)
         for _ in range(seq_len - 1):
             p = self._denoiser(self.backbone(tokens[:, -1:], s, caches=caches)[:, -1], top_p)

@@ -2,10 +2,18 @@
 draws every sampler makes, AR's included.
 
 They repeat dlm-pretrain's draw for draw: float64 uniforms from a seeded host generator,
-inverting the CDF, nucleus filtering of x̂ in float64, so the same seed gives the same tokens
-as `dlm sample`. Each sampler takes the model (DLMForMaskedLM of modeling_dlm.py), the number
-and length of the samples, the number of steps, top_p and the generator, and returns
-[n, seq_len] int64. Shapes: L length, V vocabulary (mask included).
+inverting the CDF, nucleus filtering in float64, so the same seed gives the same tokens as
+`dlm sample` with the same options. Each sampler takes the model (DLMForMaskedLM of
+modeling_dlm.py), the number and length of the samples, the number of steps, top_p, the
+generator and the options below, and returns [n, seq_len] int64. Shapes: L length,
+V vocabulary (mask included).
+
+final_step, the last step at t = sampling_t_min: "greedy" (argmax x̂ where still undecided),
+"ancestral" (a draw with alpha_s = 1) or "default", the objective's own (Duo greedy, MDLM
+and GIDD ancestral); Eso-LM has no last step and accepts only "default" (AR's sample takes
+no final_step). AR's start_token: "bos" (as the paper's code; EOS without a BOS) or "eos".
+top_p_on: "reference" filters where the paper's code does (Duo: the posterior; the others:
+x̂), "denoiser" filters x̂ in every family; only Duo's samples differ between the two.
 """
 
 from __future__ import annotations
@@ -16,11 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+FINAL_STEPS = ("default", "greedy", "ancestral")
+TOP_P_PLACEMENTS = ("reference", "denoiser")
 
-def sample_masked(model, n: int, seq_len: int, steps: int, top_p: float, generator) -> Tensor:
+
+def sample_masked(
+    model, n: int, seq_len: int, steps: int, top_p: float, generator, final_step, top_p_on
+) -> Tensor:
     """MDLM: a masked token is revealed between t and s with probability
     (alpha_s - alpha_t) / (1 - alpha_t), as a draw from x̂; revealed tokens are kept; the last
-    step reveals the rest. x̂ does not depend on t: a step revealing nothing reuses it."""
+    step reveals the rest, by a draw from x̂ or its argmax. x̂ does not depend on t: a step
+    revealing nothing reuses it. top_p filters x̂ under either top_p_on."""
+    greedy = _final_step(final_step, "ancestral") == "greedy"
     mask_id, device = model.config.mask_token_id, model.device
     grid = _grid(1.0, model.config.sampling_t_min, steps)
     x = torch.full((n, seq_len), mask_id, dtype=torch.int64, device=device)
@@ -32,11 +47,11 @@ def sample_masked(model, n: int, seq_len: int, steps: int, top_p: float, generat
             break
         if p is None:
             p = model._denoiser(model.backbone(x, s0), top_p)
-        if i < steps:
-            a_t, a_s = _alpha(model, grid[i]), _alpha(model, grid[i + 1])
-            reveal = host_uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
-        else:
-            reveal = torch.ones_like(masked)
+        if i == steps:  # the last pass reveals everything left (alpha_s = 1)
+            last = p.argmax(-1) if greedy else categorical(p, generator)
+            return torch.where(masked, last, x)
+        a_t, a_s = _alpha(model, grid[i]), _alpha(model, grid[i + 1])
+        reveal = host_uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
         reveal &= masked
         if reveal.any():
             x = torch.where(reveal, categorical(p, generator), x)
@@ -44,37 +59,52 @@ def sample_masked(model, n: int, seq_len: int, steps: int, top_p: float, generat
     return x
 
 
-def sample_uniform(model, n: int, seq_len: int, steps: int, top_p: float, generator) -> Tensor:
-    """Duo: the uniform-state posterior with x̂ for x, alpha_ts = alpha_t / alpha_s:
-    q ∝ K a_t x̂ e_z + (a_ts - a_t) e_z + (a_s - a_t) x̂ + (1 - a_ts)(1 - a_s)/K 1_real,
-    from the uniform prior over the K real ids, then argmax x̂ at the last time."""
+def sample_uniform(
+    model, n: int, seq_len: int, steps: int, top_p: float, generator, final_step, top_p_on
+) -> Tensor:
+    """Duo: the uniform-state posterior with x̂ for x down to t = sampling_t_min, from the
+    uniform prior over the K real ids, then a last step there: argmax x̂ (greedy) or the
+    posterior with alpha_s = 1. top_p filters the posterior ("reference") or x̂."""
+    greedy = _final_step(final_step, "greedy") == "greedy"
+    on_posterior = top_p_on == "reference"
     device, real = model.device, model._real()
     grid = _grid(1.0, model.config.sampling_t_min, steps)
     real_ids, k = real.nonzero().flatten(), int(real.sum())
     prior = torch.randint(k, (n, seq_len), generator=generator)
     x = real_ids[prior.to(device)]
-    for i in range(steps):
-        x_hat = _x_hat(model, x, grid[i], top_p)
-        a_t, a_s = _alpha(model, grid[i]), _alpha(model, grid[i + 1])
-        a_ts = a_t / a_s
-        e_z = F.one_hot(x, model.config.vocab_size).double()
-        x_hat_z = x_hat.gather(-1, x.unsqueeze(-1))
-        q = (
-            k * a_t * x_hat * e_z
-            + (a_ts - a_t) * e_z
-            + (a_s - a_t) * x_hat
-            + (1 - a_ts) * (1 - a_s) / k * real.double()
-        )
-        x = categorical(q / (k * a_t * x_hat_z + 1 - a_t), generator)
-    return _x_hat(model, x, grid[-1], 1.0).argmax(-1)
+    for i, t in enumerate(grid):
+        x_hat = _x_hat(model, x, t, 1.0 if on_posterior else top_p)
+        if i == steps and greedy:
+            return x_hat.argmax(-1)
+        a_s = _alpha(model, grid[i + 1]) if i < steps else 1.0
+        q = _uniform_posterior(x, x_hat, _alpha(model, t), a_s, real)
+        x = categorical(nucleus(q, top_p) if on_posterior else q, generator)
+    return x
+
+
+def _uniform_posterior(z: Tensor, x_hat: Tensor, a_t: float, a_s: float, real: Tensor) -> Tensor:
+    """q(z_s | z_t = z, x̂) ∝ K a_t x̂ e_z + (a_ts - a_t) e_z + (a_s - a_t) x̂
+    + (1 - a_ts)(1 - a_s)/K 1_real, a_ts = a_t / a_s, normalised. -> [n, L, V] f64"""
+    k, a_ts = int(real.sum()), a_t / a_s
+    e_z = F.one_hot(z, real.shape[0]).double()
+    x_hat_z = x_hat.gather(-1, z.unsqueeze(-1))
+    q = (
+        k * a_t * x_hat * e_z
+        + (a_ts - a_t) * e_z
+        + (a_s - a_t) * x_hat
+        + (1 - a_ts) * (1 - a_s) / k * real.double()
+    )
+    return q / (k * a_t * x_hat_z + 1 - a_t)
 
 
 def sample_interpolating(
-    model, n: int, seq_len: int, steps: int, top_p: float, generator
+    model, n: int, seq_len: int, steps: int, top_p: float, generator, final_step, top_p_on
 ) -> Tensor:
     """GIDD: q(z_s = v | z_t = z, x̂) ∝ (alpha_t/alpha_s [v = z] + κ(z)) q_s(v | x̂), κ the mass
     the step from s to t adds at z, from all-mask at t = 1 - eps to s = 0, where no mask is
-    left."""
+    left: there a masked token's posterior is x̂, drawn from (ancestral) or its argmax taken
+    (greedy). top_p filters x̂ under either top_p_on."""
+    greedy = _final_step(final_step, "ancestral") == "greedy"
     c, device = model.config, model.device
     real, k = model._real().double(), int(model._real().sum())
     grid = _grid(1 - c.schedule_eps, 0.0, steps)
@@ -91,16 +121,22 @@ def sample_interpolating(
         added = added.masked_fill(x == c.mask_token_id, added_mask).unsqueeze(-1)
         keep = alpha_t / alpha_s * F.one_hot(x, c.vocab_size).double()
         q_s = alpha_s * x_hat + c_s / ((1 + c_s) * k) * real + s / (1 + c_s) * at_mask
-        x = categorical((keep + added) * q_s, generator)
+        z_s = categorical((keep + added) * q_s, generator)
+        if greedy and i == steps - 1:
+            z_s = torch.where(x == c.mask_token_id, x_hat.argmax(-1), z_s)
+        x = z_s
     return x
 
 
-def sample_sorted(model, n: int, seq_len: int, steps: int, top_p: float, generator) -> Tensor:
+def sample_sorted(
+    model, n: int, seq_len: int, steps: int, top_p: float, generator, final_step, top_p_on
+) -> Tensor:
     """Eso-LM: a random order per sample, then slots decoded front to back: as many per step
     as the alpha_0-scaled schedule reveals (one count per step for the whole batch, so the
-    caches stay aligned), then the rest one per step, left to right; each a draw from x̂. A
-    step runs the slots decoded at the step before (committing their keys and values) and
-    the slots it decodes."""
+    caches stay aligned), then the rest one per step, left to right; each a draw from x̂
+    (top_p filters x̂). A step runs the slots decoded at the step before (committing their
+    keys and values) and the slots it decodes. No last step to choose."""
+    _refuse_final_step(final_step)
     device, alpha_0 = model.device, model.config.alpha_0
     order = torch.stack([torch.randperm(seq_len, generator=generator) for _ in range(n)])
     counts = _decode_counts(model, seq_len, steps, generator)
@@ -129,6 +165,39 @@ SAMPLERS = {
     "gidd": sample_interpolating,
     "esolm": sample_sorted,
 }
+
+
+def start_id(config, start_token: str) -> int:
+    """AR's first token: BOS (as the paper's code) unless start_token is "eos" or the tokenizer
+    has none; EOS precedes every document of the training data, which holds no BOS."""
+    if start_token not in ("bos", "eos"):
+        raise ValueError(f"start_token={start_token!r}; choose 'bos' or 'eos'")
+    bos = config.bos_token_id
+    if start_token == "bos" and bos is not None and bos >= 0:
+        return bos
+    return config.eos_token_id
+
+
+def check_options(final_step: str, top_p_on: str) -> None:
+    """Refuses a value the samplers do not know, before any draw."""
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step={final_step!r}; choose one of {FINAL_STEPS}")
+    if top_p_on not in TOP_P_PLACEMENTS:
+        raise ValueError(f"top_p_on={top_p_on!r}; choose one of {TOP_P_PLACEMENTS}")
+
+
+def _final_step(choice: str, default: str) -> str:
+    """final_step with "default" read as the objective's own."""
+    return default if choice == "default" else choice
+
+
+def _refuse_final_step(final_step: str) -> None:
+    """Eso-LM decodes each token once: an explicit final_step is an error, not ignored."""
+    if final_step != "default":
+        raise ValueError(
+            f"final_step={final_step!r} does not apply to Eso-LM, which decodes every token "
+            "once from x̂; leave it at 'default'"
+        )
 
 
 def _grid(start: float, end: float, steps: int) -> list[float]:

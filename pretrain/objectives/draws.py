@@ -2,8 +2,9 @@
 
 Probabilities are float64 and each categorical draw inverts the CDF with one float64 uniform
 per position, drawn at the step that uses it (docs/pitfalls.md P4, P5). Nucleus (top-p)
-filtering applies to the denoiser's distribution x̂ in every family (the reference ignores it
-for AR and MDLM, docs/pitfalls.md P3). Only real ids are ever sampled.
+filtering applies where the paper's code applies it (`top_p_on="reference"`: Duo's posterior,
+every other family's x̂) or to x̂ in every family (`"denoiser"`); the reference ignores it
+for AR and MDLM (docs/pitfalls.md P3). Only real ids are ever sampled.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 
 T_MIN = 1e-5  # the reverse process runs from t = 1 down to here (docs/algorithms.md §9)
+# sampling.final_step: how the last step decides, "default" being the family's own
+FINAL_STEPS = ("default", "greedy", "ancestral")
+# sampling.top_p_on: where the nucleus filters, "reference" as the paper's code does it
+TOP_P_PLACEMENTS = ("reference", "denoiser")
 
 
 @dataclass(frozen=True)
@@ -52,3 +58,19 @@ def denoiser(logits: Tensor, vocab: Vocab, top_p: float) -> Tensor:
     """x̂: softmax over the real ids in float64, nucleus-filtered. [N, L, V] -> [N, L, V] f64"""
     logits = logits.double().masked_fill(~vocab.real, float("-inf"))
     return nucleus(torch.softmax(logits, dim=-1), top_p)
+
+
+def final_step(choice: str, default: str) -> str:
+    """sampling.final_step with "default" read as the family's own: the paper's code ends Duo
+    greedily and MDLM, GIDD ancestrally (docs/algorithms.md §9)."""
+    return default if choice == "default" else choice
+
+
+def refuse_final_step(choice: str, family: str) -> None:
+    """AR and Eso-LM decode each token once, by a draw from x̂: they have no last step to
+    choose, so an explicit choice is an error rather than ignored."""
+    if choice != "default":
+        raise ConfigError(
+            f"sampling.final_step={choice!r} does not apply to {family}, which decodes every "
+            "token once from x̂ and has no final step; leave sampling.final_step=default"
+        )

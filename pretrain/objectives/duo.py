@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from dlm_pretrain.pretrain.kernels.losses import duo_statistics
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
-from dlm_pretrain.pretrain.objectives.draws import T_MIN, Samples, categorical, denoiser
+from dlm_pretrain.pretrain.objectives.draws import (
+    T_MIN,
+    Samples,
+    categorical,
+    denoiser,
+    final_step,
+    nucleus,
+)
 from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
 from dlm_pretrain.pretrain.objectives.schedule import alpha, alpha_prime, sigma
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -83,27 +90,38 @@ class Duo(Objective):
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
     ) -> Samples:
         """Ancestral steps of the uniform-state posterior with x̂ for x (docs/algorithms.md §9.2),
-        from the uniform prior over real ids, then a greedy final step (argmax x̂)."""
+        from the uniform prior over real ids down to t = T_MIN, then a last step there: argmax
+        x̂ at every position (greedy, the default) or the posterior with alpha_s = 1. top_p
+        filters the posterior (top_p_on="reference", the paper's code) or x̂ ("denoiser")."""
         generator, device = torch.Generator().manual_seed(cfg.seed), model.device
-        real = vocab.real.double()
-        k = vocab.num_real
-        prior = torch.randint(k, (cfg.num_samples, seq_len), generator=generator)
+        greedy = final_step(cfg.final_step, default="greedy") == "greedy"
+        on_posterior = cfg.top_p_on == "reference"
+        prior = torch.randint(vocab.num_real, (cfg.num_samples, seq_len), generator=generator)
         x = vocab.real_ids[prior.to(device)]
         grid = torch.linspace(1.0, T_MIN, cfg.steps + 1, dtype=torch.float64).tolist()
-        for i in range(cfg.steps):
-            t = torch.full((cfg.num_samples,), grid[i], device=device)
-            x_hat = denoiser(model.logits(x, sigma(t)), vocab, cfg.top_p)
-            a_t, a_s = alpha(grid[i]), alpha(grid[i + 1])
-            a_ts = a_t / a_s
-            e_z = torch.nn.functional.one_hot(x, vocab.size).double()
-            x_hat_z = x_hat.gather(-1, x.unsqueeze(-1))
-            q = (
-                k * a_t * x_hat * e_z
-                + (a_ts - a_t) * e_z
-                + (a_s - a_t) * x_hat
-                + (1 - a_ts) * (1 - a_s) / k * real
-            )
-            x = categorical(q / (k * a_t * x_hat_z + 1 - a_t), generator)
-        t = torch.full((cfg.num_samples,), T_MIN, device=device)
-        x_hat = denoiser(model.logits(x, sigma(t)), vocab, 1.0)
-        return Samples(x_hat.argmax(-1), cfg.steps + 1)
+        for i, t in enumerate(grid):
+            sigma_t = sigma(torch.full((cfg.num_samples,), t, device=device))
+            x_hat = denoiser(model.logits(x, sigma_t), vocab, 1.0 if on_posterior else cfg.top_p)
+            if i == cfg.steps and greedy:
+                return Samples(x_hat.argmax(-1), cfg.steps + 1)
+            a_s = alpha(grid[i + 1]) if i < cfg.steps else 1.0  # the last step ends at x
+            q = self.posterior(x, x_hat, alpha(t), a_s, vocab)
+            x = categorical(nucleus(q, cfg.top_p) if on_posterior else q, generator)
+        return Samples(x, cfg.steps + 1)
+
+    @staticmethod
+    def posterior(z: Tensor, x_hat: Tensor, a_t: float, a_s: float, vocab: Vocab) -> Tensor:
+        """q(z_s | z_t = z, x̂), normalised, alpha_ts = alpha_t / alpha_s:
+        (K a_t x̂ e_z + (a_ts - a_t) e_z + (a_s - a_t) x̂ + (1 - a_ts)(1 - a_s)/K 1_real)
+        / (K a_t x̂_z + 1 - a_t); zero off the real ids (z real). At alpha_s = 1 it is x̂
+        reweighted towards z. z [N, L] int64, x̂ [N, L, V] f64 -> [N, L, V] f64"""
+        k, a_ts = vocab.num_real, a_t / a_s
+        e_z = torch.nn.functional.one_hot(z, vocab.size).double()
+        x_hat_z = x_hat.gather(-1, z.unsqueeze(-1))
+        q = (
+            k * a_t * x_hat * e_z
+            + (a_ts - a_t) * e_z
+            + (a_s - a_t) * x_hat
+            + (1 - a_ts) * (1 - a_s) / k * vocab.real.double()
+        )
+        return q / (k * a_t * x_hat_z + 1 - a_t)

@@ -26,7 +26,13 @@ import torch
 from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.parallel.config import AttentionSpec
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
-from dlm_pretrain.pretrain.objectives.draws import T_MIN, Samples, categorical, denoiser
+from dlm_pretrain.pretrain.objectives.draws import (
+    T_MIN,
+    Samples,
+    categorical,
+    denoiser,
+    refuse_final_step,
+)
 from dlm_pretrain.pretrain.objectives.mdlm import MDLM
 from dlm_pretrain.pretrain.objectives.objective import Denoiser, keep_clean
 from dlm_pretrain.pretrain.objectives.randomness import STREAM_ORDER, philox4x32, row_keys
@@ -184,9 +190,10 @@ class EsoLM(MDLM):
         """From all-mask: a random order per sample, then slots decoded front to back: as
         many per step as the alpha_0-scaled schedule reveals (one count per step for the
         whole batch, so the caches stay aligned), then the rest one per step, left to right
-        (docs/algorithms.md §9.3); each a draw from x̂. With cfg.kv_cache a step runs the
-        slots decoded at the step before (committing their keys and values) and the slots it
-        decodes; without, the whole sequence."""
+        (docs/algorithms.md §9.3); each a draw from x̂ (top_p filters x̂). With cfg.kv_cache a
+        step runs the slots decoded at the step before (committing their keys and values) and
+        the slots it decodes; without, the whole sequence."""
+        refuse_final_step(cfg.final_step, "Eso-LM")
         generator, device = torch.Generator().manual_seed(cfg.seed), model.device
         n = cfg.num_samples
         order = torch.stack([torch.randperm(seq_len, generator=generator) for _ in range(n)])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.pretrain.kernels.losses import duo_statistics
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
-from dlm_pretrain.pretrain.objectives.draws import Samples, categorical, denoiser
+from dlm_pretrain.pretrain.objectives.draws import Samples, categorical, denoiser, final_step
 from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
 from dlm_pretrain.pretrain.objectives.schedule import EPS
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -158,14 +158,20 @@ class GIDD(Objective):
     ) -> Samples:
         """Ancestral steps of q(z_s | z_t, x̂) from all-mask at t = 1 - eps (the top of the
         trained range) down to s = 0, where the step is the exact posterior of x: no mask is
-        left (docs/algorithms.md §9.5)."""
+        left (docs/algorithms.md §9.5). There a masked token's posterior is x̂ itself: the last
+        step draws from it (ancestral, the default) or takes its argmax (greedy); the other
+        tokens draw from their posterior either way. top_p filters x̂ (GIDD's code has none)."""
         generator, device = torch.Generator().manual_seed(cfg.seed), model.device
+        greedy = final_step(cfg.final_step, default="ancestral") == "greedy"
         x = torch.full((cfg.num_samples, seq_len), vocab.mask_id, dtype=torch.int64, device=device)
         grid = torch.linspace(self.t_max, 0.0, cfg.steps + 1, dtype=torch.float64)
         for i in range(cfg.steps):
             t = torch.full((cfg.num_samples,), grid[i].item(), device=device)
             x_hat = denoiser(model.logits(x, self.time_input(t)), vocab, cfg.top_p)
-            x = categorical(self._reverse_step(x, x_hat, grid[i], grid[i + 1], vocab), generator)
+            z_s = categorical(self._reverse_step(x, x_hat, grid[i], grid[i + 1], vocab), generator)
+            if greedy and i == cfg.steps - 1:
+                z_s = torch.where(x == vocab.mask_id, x_hat.argmax(-1), z_s)
+            x = z_s
         return Samples(x, cfg.steps)
 
     def _reverse_step(self, z: Tensor, x_hat: Tensor, t: Tensor, s: Tensor, vocab: Vocab) -> Tensor:

@@ -21,6 +21,7 @@ from dlm_pretrain.pretrain.objectives.draws import (
     Samples,
     categorical,
     denoiser,
+    final_step,
     host_uniform,
 )
 from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
@@ -88,9 +89,13 @@ class MDLM(Objective):
     ) -> Samples:
         """Ancestral steps from the all-mask prior (docs/algorithms.md §9.1): a masked token is
         revealed between t and s with probability (alpha_s - alpha_t) / (1 - alpha_t), as a draw
-        from x̂; revealed tokens are kept. x̂ does not depend on t, so a step that reveals nothing
-        reuses it."""
+        from x̂; revealed tokens are kept. The last step (alpha_s = 1) reveals what is left by
+        a draw from x̂ (ancestral, the default) or its argmax (greedy). x̂ does not depend on
+        t, so a step that reveals nothing reuses it. top_p filters x̂ under either top_p_on
+        (as the paper's code): on the posterior it would keep only the mask wherever the mask's
+        share (1 - alpha_s) / (1 - alpha_t) reaches top_p."""
         generator, device = torch.Generator().manual_seed(cfg.seed), model.device
+        greedy = final_step(cfg.final_step, default="ancestral") == "greedy"
         x = torch.full((cfg.num_samples, seq_len), vocab.mask_id, dtype=torch.int64, device=device)
         s0 = torch.zeros(cfg.num_samples, device=device)
         grid = torch.linspace(1.0, T_MIN, cfg.steps + 1, dtype=torch.float64).tolist()
@@ -101,11 +106,11 @@ class MDLM(Objective):
                 break
             if p is None:
                 p, passes = denoiser(model.logits(x, s0), vocab, cfg.top_p), passes + 1
-            if i < cfg.steps:  # the last pass reveals everything left (alpha_s = 1)
-                a_t, a_s = alpha(grid[i]), alpha(grid[i + 1])
-                reveal = host_uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
-            else:
-                reveal = torch.ones_like(masked)
+            if i == cfg.steps:  # the last pass reveals everything left (alpha_s = 1)
+                last = p.argmax(-1) if greedy else categorical(p, generator)
+                return Samples(torch.where(masked, last, x), passes)
+            a_t, a_s = alpha(grid[i]), alpha(grid[i + 1])
+            reveal = host_uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
             reveal &= masked
             if reveal.any():
                 x = torch.where(reveal, categorical(p, generator), x)
