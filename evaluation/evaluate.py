@@ -73,12 +73,13 @@ def _evaluate_target(model: TrainedModel, opts: EvalOptions, judge) -> TargetRep
             found.standard_error,
         )
     if opts.gen_ppl:
-        for steps, top_p in _settings(model, opts):
+        for steps, top_p, final in _settings(model, opts):
             sampling = SamplingConfig(
-                steps=steps, top_p=top_p, num_samples=opts.samples, seed=opts.seed
+                steps=steps, top_p=top_p, final_step=final, num_samples=opts.samples, seed=opts.seed
             )
             scored = score(sample_texts(model, sampling, opts.batch), judge)
-            report.generation.append({"steps": steps, "top_p": top_p, **asdict(scored)})
+            setting = {"steps": steps, "top_p": top_p, "final_step": final}
+            report.generation.append(setting | asdict(scored))
             log.info("%s: T=%d top_p=%g gen-PPL %.2f", model.name, steps, top_p, scored.gen_ppl)
     if opts.speed:
         report.speed = [
@@ -101,9 +102,11 @@ def _evaluate_target(model: TrainedModel, opts: EvalOptions, judge) -> TargetRep
 
 
 def _settings(model: TrainedModel, opts: EvalOptions) -> list[tuple[int, float]]:
-    """AR samples once per top_p (its steps are fixed by the length)."""
+    """(steps, top_p, final_step) settings: AR's steps are fixed by the length; AR and Eso-LM
+    have no final step to choose."""
     steps = [model.seq_len - 1] if model.cfg.objective.name == "ar" else list(opts.steps)
-    return list(itertools.product(steps, opts.top_p))
+    finals = opts.final_step if model.objective.has_final_step else ("default",)
+    return list(itertools.product(steps, opts.top_p, finals))
 
 
 def _batches(opts: EvalOptions) -> list[int]:
@@ -115,12 +118,16 @@ def _rate(point: SpeedPoint) -> dict:
 
 
 def _pareto(reports: dict[str, TargetReport], opts: EvalOptions) -> list[dict]:
-    """gen-PPL at top_p = the first --top-p against tokens/s at the largest batch."""
+    """gen-PPL at the first --top-p and --final-step against tokens/s at the largest batch."""
     points = []
     for name, report in reports.items():
         rates = {p["steps"]: p["tokens_per_s"] for p in report.speed if p["batch"] == opts.batch}
         for g in report.generation:
-            if g["top_p"] == opts.top_p[0] and g["steps"] in rates:
+            first = g["top_p"] == opts.top_p[0] and g["final_step"] in (
+                opts.final_step[0],
+                "default",
+            )
+            if first and g["steps"] in rates:
                 points.append(ParetoPoint(name, g["steps"], rates[g["steps"]], g["gen_ppl"]))
     points = mark_frontier(points)
     if points:
@@ -134,7 +141,7 @@ def _metrics(report: TargetReport) -> dict[str, float]:
         metrics["eval/nll"] = report.likelihood["nats_per_token"]
         metrics["eval/nll_se"] = report.likelihood["standard_error"]
     for g in report.generation:
-        tag = f"T{g['steps']}_p{g['top_p']:g}"
+        tag = f"T{g['steps']}_p{g['top_p']:g}_{g['final_step']}"
         metrics[f"eval/gen_ppl/{tag}"] = g["gen_ppl"]
         metrics[f"eval/entropy/{tag}"] = g["entropy"]
     for p in report.speed:
@@ -173,7 +180,9 @@ def print_tables(result: dict) -> None:
                 f"nats/token (PPL {lk['perplexity']:.2f}) over {lk['sequences']} sequences x "
                 f"{lk['draws']} draws"
             )
-        _table(["steps", "top_p", "gen_ppl", "entropy", "samples"], report["generation"])
+        _table(
+            ["steps", "top_p", "final_step", "gen_ppl", "entropy", "samples"], report["generation"]
+        )
         _table(["steps", "batch", "tokens_per_s", "seconds", "forward_passes"], report["speed"])
         for task, values in report["tasks"].items():
             print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))

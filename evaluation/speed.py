@@ -16,7 +16,7 @@ import torch
 from dlm_pretrain.pretrain.config import SamplingConfig
 from dlm_pretrain.pretrain.objectives import AR, Objective
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
-from dlm_pretrain.pretrain.sampling import generate
+from dlm_pretrain.pretrain.sampling import generate, start_id
 from dlm_pretrain.pretrain.trained_model import TrainedModel, untrained_like
 from torch import nn
 
@@ -44,19 +44,14 @@ class Sampler:
     layers: Sequence[nn.Module]
     vocab: Vocab
     seq_len: int
-    start_id: int
+    first_token: int  # AR's start (pretrain.sampling.start_id)
     device: torch.device
 
     @classmethod
     def of(cls, model: TrainedModel) -> Sampler:
-        special = model.tokenizer.special
+        first = start_id(model.tokenizer.special, SamplingConfig())
         return cls(
-            model.objective,
-            model.layers,
-            model.vocab,
-            model.seq_len,
-            special.eos,
-            model.runtime.device,
+            model.objective, model.layers, model.vocab, model.seq_len, first, model.runtime.device
         )
 
 
@@ -70,7 +65,7 @@ def timed_sampling(sampler: Sampler, sampling: SamplingConfig) -> tuple[float, i
         sampler.vocab,
         sampling,
         sampler.seq_len,
-        sampler.start_id,
+        sampler.first_token,
     )
     _synchronize(sampler.device)
     return time.perf_counter() - start, samples.forward_passes

@@ -162,6 +162,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--samples", type=int, default=16, help="samples per sampler setting")
     cmd.add_argument("--steps", default="16,64,128", help="sampler steps, comma-separated")
     cmd.add_argument("--top-p", default="1.0", help="nucleus masses, comma-separated")
+    cmd.add_argument("--final-step", default="default", help="final-step rules, comma-separated")
     cmd.add_argument("--batch", type=int, default=16, help="samples per sampler call")
     cmd.add_argument("--repeats", type=int, default=3, help="timed calls per speed figure")
     cmd.add_argument("--seed", type=int, default=0, help="seed of the sampling draws")
@@ -344,6 +345,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         samples=args.samples,
         steps=_numbers(args.steps, int, "--steps"),
         top_p=_numbers(args.top_p, float, "--top-p"),
+        final_step=tuple(args.final_step.split(",")),
         batch=args.batch,
         repeats=args.repeats,
         seed=args.seed,

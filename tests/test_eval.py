@@ -186,7 +186,9 @@ def test_eval_command_writes_and_logs_every_part(runs, tmp_path, capsys):
     uri = f"sqlite:///{runs['mdlm'].parent / 'mlflow.db'}"
     metrics = MlflowClient(uri).get_run(run_id).data.metrics
     assert metrics["eval/nll"] == pytest.approx(report["likelihood"]["nats_per_token"])
-    assert metrics["eval/gen_ppl/T8_p1"] == pytest.approx(report["generation"][1]["gen_ppl"])
+    assert metrics["eval/gen_ppl/T8_p1_default"] == pytest.approx(
+        report["generation"][1]["gen_ppl"]
+    )
 
 
 @pytest.mark.slow  # trains two runs (module fixture)

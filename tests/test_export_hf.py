@@ -82,27 +82,10 @@ def _randomize(folder: Path, seed: int) -> None:
 
 def _our_model(run_dir: Path):
     """Our pipeline in this process at tensor 1 x pipeline 1, whatever layout saved it."""
-    from dlm_pretrain.data_pipeline import Tokenizer
-    from dlm_pretrain.data_pipeline.manifest import load_manifest
-    from dlm_pretrain.parallel.config import ParallelConfig
-    from dlm_pretrain.parallel.groups import Runtime, init_process_groups
-    from dlm_pretrain.parallel.model import build_pipeline
-    from dlm_pretrain.pretrain.checkpoint import checkpoint_folder, load_weights
-    from dlm_pretrain.pretrain.checkpoint_files import read_meta
-    from dlm_pretrain.pretrain.config import load_config
-    from dlm_pretrain.pretrain.model_spec import model_spec
-    from dlm_pretrain.pretrain.objectives import build_objective
+    from dlm_pretrain.pretrain.trained_model import load_trained_model
 
-    folder = checkpoint_folder(run_dir)
-    cfg = load_config(str(run_dir / "config.yaml"), [])
-    groups = init_process_groups(ParallelConfig(), Runtime.detect())
-    manifest = load_manifest(run_dir)
-    model_cfg, vocab = model_spec(cfg, manifest, read_meta(folder)["vocab_size"])
-    objective = build_objective(cfg.objective)
-    model = build_pipeline(model_cfg, groups, objective.attention_spec())
-    load_weights(model, folder)
-    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
-    return objective, model.forward_funcs, vocab, tokenizer, manifest.seq_len
+    model = load_trained_model(run_dir)
+    return model.objective, model.layers, model.vocab, model.tokenizer, model.seq_len
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pretrain.config imports this package
 @dataclass(frozen=True, kw_only=True)
 class AR(Objective):
     causal: ClassVar[bool] = True
+    has_final_step: ClassVar[bool] = False
     loss_flops_per_vocab_entry: ClassVar[int] = 4
 
     def noise(self, x0: Tensor, t: Tensor, sample_ids: Tensor, vocab: Vocab) -> Tensor:

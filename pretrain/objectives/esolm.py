@@ -52,6 +52,7 @@ class EsoLM(MDLM):
     batch_split: float = 1.0  # share of the rows in the diffusion branch
 
     causal: ClassVar[bool] = True  # over the sorted slots (the FLOPs count half the scores)
+    has_final_step: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

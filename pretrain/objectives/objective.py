@@ -52,6 +52,8 @@ class Objective(ABC):
     t_max: ClassVar[float] = 1.0  # training draws t from [eps, t_max) (schedule.sample_t)
     # the options under which per_token_loss is the validation bound (MDLM: loss_type="elbo")
     elbo_options: ClassVar[dict[str, str]] = {}
+    # whether sampling.final_step chooses anything (AR and Eso-LM decode each token once)
+    has_final_step: ClassVar[bool] = True
     # Elementwise FLOPs per token per vocabulary entry of the loss (an estimate for the FLOPs
     # accounting: max, subtract, exp, sum for the softmax, plus the objective's own sums).
     loss_flops_per_vocab_entry: ClassVar[int]
@@ -140,7 +142,7 @@ class Objective(ABC):
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int
     ) -> Samples:
         """cfg.num_samples sequences of seq_len tokens (docs/algorithms.md §9); start_id is the
-        token before a document, for samplers that start from one."""
+        token AR starts after (pretrain.sampling.start_id), ignored by the others."""
 
 
 def keep_clean(xt: Tensor, x0: Tensor, clean: Tensor | None) -> Tensor:
