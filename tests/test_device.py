@@ -38,6 +38,7 @@ ALLOWED = {
     ("d2h", "pretrain/trainer.py:validate"),  # the validation loss, once per validation
     ("d2h", "pretrain/trainer.py:<genexpr>"),  # samples to text
     ("d2h", "pretrain/objectives/mdlm.py:sample"),  # "anything left to reveal?", per step
+    ("sync", "pretrain/objectives/mdlm.py:sample"),  # the masked positions' x̂, per forward
     ("sync", "pretrain/objectives/mdlm.py:per_token_loss"),  # the masked tokens' count
 }
 

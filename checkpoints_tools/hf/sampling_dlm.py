@@ -45,16 +45,16 @@ def sample_masked(
         masked = x == mask_id
         if not masked.any():
             break
-        if p is None:
-            p = model._denoiser(model.backbone(x, s0), top_p)
+        if p is None:  # x̂ of the masked positions only
+            p = model._denoiser(model.backbone(x, s0)[masked], top_p)
         if i == steps:  # the last pass reveals everything left (alpha_s = 1)
-            last = p.argmax(-1) if greedy else categorical(p, generator)
-            return torch.where(masked, last, x)
+            x[masked] = p.argmax(-1) if greedy else categorical(p, generator)
+            return x
         a_t, a_s = _alpha(model, grid[i]), _alpha(model, grid[i + 1])
         reveal = host_uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
         reveal &= masked
-        if reveal.any():
-            x = torch.where(reveal, categorical(p, generator), x)
+        if reveal.any():  # draws at the revealed positions only
+            x[reveal] = categorical(p[reveal[masked]], generator)
             p = None
     return x
 

@@ -89,7 +89,8 @@ class MDLM(Objective):
     ) -> Samples:
         """Ancestral steps from the all-mask prior (docs/algorithms.md §9.1): a masked token is
         revealed between t and s with probability (alpha_s - alpha_t) / (1 - alpha_t), as a draw
-        from x̂; revealed tokens are kept. The last step (alpha_s = 1) reveals what is left by
+        from x̂; revealed tokens are kept (x̂ and the draws are computed where they are used:
+        masked and revealed positions). The last step (alpha_s = 1) reveals what is left by
         a draw from x̂ (ancestral, the default) or its argmax (greedy). x̂ does not depend on
         t, so a step that reveals nothing reuses it. top_p filters x̂ under either top_p_on
         (as the paper's code): on the posterior it would keep only the mask wherever the mask's
@@ -104,15 +105,16 @@ class MDLM(Objective):
             masked = x == vocab.mask_id
             if not masked.any():  # host sync: once per step
                 break
-            if p is None:
-                p, passes = denoiser(model.logits(x, s0), vocab, cfg.top_p), passes + 1
+            if p is None:  # x̂ of the masked positions only: [masked, V]
+                p = denoiser(model.logits(x, s0)[masked], vocab, cfg.top_p)  # host sync: count
+                passes += 1
             if i == cfg.steps:  # the last pass reveals everything left (alpha_s = 1)
-                last = p.argmax(-1) if greedy else categorical(p, generator)
-                return Samples(torch.where(masked, last, x), passes)
+                x[masked] = p.argmax(-1) if greedy else categorical(p, generator)
+                return Samples(x, passes)
             a_t, a_s = alpha(grid[i]), alpha(grid[i + 1])
             reveal = host_uniform(x.shape, generator, device) < (a_s - a_t) / (1 - a_t)
             reveal &= masked
-            if reveal.any():
-                x = torch.where(reveal, categorical(p, generator), x)
+            if reveal.any():  # draws at the revealed positions only
+                x[reveal] = categorical(p[reveal[masked]], generator)
                 p = None
         return Samples(x, passes)
