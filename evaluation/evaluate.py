@@ -95,7 +95,7 @@ def _evaluate_target(model: TrainedModel, opts: EvalOptions, judge) -> TargetRep
             model.run_dir,
             list(opts.tasks),
             opts.include_path or None,
-            max(1, opts.draws),
+            opts.task_draws,
             opts.limit,
         )
     return report

@@ -160,7 +160,8 @@ def _ar_greedy(model: TrainedModel, x0: Tensor, scored: Tensor) -> list[bool]:
     logits = forward(model, inputs)[:, :-1]  # [N, L-1, V]: position l - 1 predicts token l
     targets = scored[:, 1:]
     best = logits[targets].masked_fill(~model.vocab.real, float("-inf")).argmax(-1)
-    hit = torch.ones_like(targets).masked_scatter(targets, best == x0[:, 1:][targets])
+    hit = torch.ones_like(targets)
+    hit[targets] = best == x0[:, 1:][targets]
     return hit.all(1).tolist()  # host sync
 
 

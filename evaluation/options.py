@@ -18,7 +18,8 @@ class EvalOptions:
     tasks: tuple[str, ...] = ()  # lm-eval task names
     data: str = ""  # a prepared dataset for the likelihood; default the run's own
     sequences: int = 256
-    draws: int = 1  # t draws per sequence (likelihood) or per request (tasks: at least 1)
+    draws: int = 1  # t draws per validation sequence (likelihood)
+    task_draws: int = 32  # t draws per lm-eval request (diffusion families)
     judge: str = ""  # an AR run or export, or a Hugging Face causal LM folder
     samples: int = 16  # per sampler setting
     steps: tuple[int, ...] = (16, 64, 128)

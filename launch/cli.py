@@ -157,7 +157,8 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
     cmd.add_argument("--data", default="", help="prepared dataset (default: the run's own)")
     cmd.add_argument("--sequences", type=int, default=256, help="validation sequences")
-    cmd.add_argument("--draws", type=int, default=1, help="t draws per sequence or request")
+    cmd.add_argument("--draws", type=int, default=1, help="t draws per validation sequence")
+    cmd.add_argument("--task-draws", type=int, default=32, help="t draws per lm-eval request")
     cmd.add_argument("--judge", default="", help="AR run or export, or HF causal LM folder")
     cmd.add_argument("--samples", type=int, default=16, help="samples per sampler setting")
     cmd.add_argument("--steps", default="16,64,128", help="sampler steps, comma-separated")
@@ -341,6 +342,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         data=args.data,
         sequences=args.sequences,
         draws=args.draws,
+        task_draws=args.task_draws,
         judge=args.judge,
         samples=args.samples,
         steps=_numbers(args.steps, int, "--steps"),
