@@ -3,6 +3,7 @@ the baseline, all timed in this process.
 
     python bench/sampling.py [--size cpu-base] [--steps 8,32,128] [--batches 1,16]
                              [--seq-len 256] [--vocab-size 8192] [--repeats 1]
+                             [--objectives AR,MDLM,Duo,GIDD,Eso-LM,"Eso-LM a0=0.5"]
 
 Models have fresh weights (speed does not depend on them); the geometry defaults to the
 embedded corpus's (L = 256, V = 8192). Prints tokens/s and seconds per call (the latency of
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="names to time")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -64,7 +66,8 @@ def main() -> None:
         f"{runtime.dtype}, {torch.get_num_threads()} threads"
     )
     points: list[SpeedPoint] = []
-    for name, objective in OBJECTIVES.items():
+    for name in args.objectives.split(","):
+        objective = OBJECTIVES[name]
         sampler = _sampler(objective, cfg, vocab, runtime)
         points += sampling_speed(sampler, steps, batches, name, args.repeats)
         _print([p for p in points if p.target == name], points)
