@@ -44,22 +44,24 @@ def corpus_docs() -> list[str]:
     return random_documents(600, seed=1234)
 
 
+def prepare_docs(root: Path, docs: list[str], vocab_size: int, val_fraction: float) -> Path:
+    """`docs` prepared as a dataset of 64-token rows in shards of 40 under root/ds."""
+    write_jsonl(root / "docs.jsonl", docs)
+    config = PrepareConfig(
+        out=str(root / "ds"),
+        corpus=(str(root / "docs.jsonl"),),
+        vocab_size=vocab_size,
+        seq_len=64,
+        shard_size=40,
+        val_fraction=val_fraction,
+        workers=1,
+    )
+    prepare_dataset(config)
+    return root / "ds"
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory, corpus_docs) -> Path:
     """A prepared dataset, one per session: the 600 documents as a few thousand train sequences
     of 64 tokens in shards of 40 (tests derive counts from its manifest)."""
-    root = tmp_path_factory.mktemp("corpus")
-    write_jsonl(root / "docs.jsonl", corpus_docs)
-    out = root / "ds"
-    prepare_dataset(
-        PrepareConfig(
-            out=str(out),
-            corpus=(str(root / "docs.jsonl"),),
-            vocab_size=400,
-            seq_len=64,
-            shard_size=40,
-            val_fraction=0.1,
-            workers=1,
-        )
-    )
-    return out
+    return prepare_docs(tmp_path_factory.mktemp("corpus"), corpus_docs, 400, 0.1)

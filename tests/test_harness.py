@@ -21,8 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from conftest import write_jsonl
-from dlm_pretrain.data_pipeline import PrepareConfig, prepare_dataset
+from conftest import prepare_docs
 from dlm_pretrain.evaluation.harness import DlmLM, run_tasks
 from dlm_pretrain.evaluation.likelihood import sequence_nats
 from dlm_pretrain.pretrain.objectives.schedule import EPS
@@ -51,18 +50,7 @@ def task_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cycle")
     rng = random.Random(0)
     docs = [_cycle(rng.randrange(len(WORDS)), rng.randint(4, 16)) for _ in range(3000)]
-    write_jsonl(root / "docs.jsonl", docs)
-    config = PrepareConfig(
-        out=str(root / "ds"),
-        corpus=(str(root / "docs.jsonl"),),
-        vocab_size=320,
-        seq_len=64,
-        shard_size=40,
-        val_fraction=0.05,
-        workers=1,
-    )
-    prepare_dataset(config)
-    return root / "ds"
+    return prepare_docs(root, docs, 320, 0.05)
 
 
 def _fit(task_dataset: Path, tmp_path_factory, objective: str, steps: int, lr: float) -> Path:
