@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-from dlm_pretrain.evaluation.speed import Sampler, SpeedPoint, sampling_speed
+from dlm_pretrain.evaluation.speed import SpeedPoint, sampling_speed
 from dlm_pretrain.launch.quiet import hidden_prints
 from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain.objectives import AR, GIDD, MDLM, Duo, EsoLM, Objective
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
+from dlm_pretrain.pretrain.sampling import Sampler
 
 OBJECTIVES: dict[str, Objective] = {
     "AR": AR(),

@@ -14,11 +14,12 @@ from dlm_pretrain.evaluation.generation import load_judge, sample_texts, score
 from dlm_pretrain.evaluation.likelihood import check_draws, dataset_likelihood
 from dlm_pretrain.evaluation.options import EvalOptions, check_options
 from dlm_pretrain.evaluation.pareto import ParetoPoint, mark_frontier, write_pareto
-from dlm_pretrain.evaluation.speed import Sampler, SpeedPoint, ar_baseline, sampling_speed
+from dlm_pretrain.evaluation.speed import SpeedPoint, ar_baseline, sampling_speed
 from dlm_pretrain.evaluation.target import load_target
 from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig
+from dlm_pretrain.pretrain.objectives import AR
 from dlm_pretrain.pretrain.tracking import Tracker, default_tracking_uri
-from dlm_pretrain.pretrain.trained_model import TrainedModel
+from dlm_pretrain.pretrain.trained_model import TrainedModel, sampler_of
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,11 @@ def _evaluate_target(model: TrainedModel, opts: EvalOptions, judge) -> TargetRep
         report.speed = [
             asdict(p) | _rate(p)
             for p in sampling_speed(
-                Sampler.of(model), list(opts.steps), _batches(opts), model.name, opts.repeats
+                sampler_of(model, SamplingConfig()),
+                list(opts.steps),
+                _batches(opts),
+                model.name,
+                opts.repeats,
             )
         ]
     if opts.tasks:
@@ -104,7 +109,7 @@ def _evaluate_target(model: TrainedModel, opts: EvalOptions, judge) -> TargetRep
 def _settings(model: TrainedModel, opts: EvalOptions) -> list[tuple[int, float]]:
     """(steps, top_p, final_step) settings: AR's steps are fixed by the length; AR and Eso-LM
     have no final step to choose."""
-    steps = [model.seq_len - 1] if model.cfg.objective.name == "ar" else list(opts.steps)
+    steps = [model.seq_len - 1] if isinstance(model.objective, AR) else list(opts.steps)
     finals = opts.final_step if model.objective.has_final_step else ("default",)
     return list(itertools.product(steps, opts.top_p, finals))
 

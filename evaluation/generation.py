@@ -21,8 +21,7 @@ from dlm_pretrain.evaluation.likelihood import sequence_nats
 from dlm_pretrain.evaluation.target import is_hf_export, is_our_export, is_run_dir, load_target
 from dlm_pretrain.pretrain.config import SamplingConfig
 from dlm_pretrain.pretrain.objectives import AR
-from dlm_pretrain.pretrain.sampling import generate, start_id
-from dlm_pretrain.pretrain.trained_model import TrainedModel
+from dlm_pretrain.pretrain.trained_model import TrainedModel, sampler_of
 from torch import Tensor
 
 
@@ -54,12 +53,7 @@ def sample_texts(model: TrainedModel, sampling: SamplingConfig, batch: int) -> G
     while left:
         n = min(batch, left)
         cfg = sampling.model_copy(update={"num_samples": n, "seed": sampling.seed + call})
-        start = start_id(model.tokenizer.special, cfg)
-        rows.append(
-            generate(
-                model.objective, model.layers, model.vocab, cfg, model.seq_len, start
-            ).tokens.cpu()
-        )
+        rows.append(sampler_of(model, cfg).draw(cfg).tokens.cpu())
         left, call = left - n, call + 1
     tokens = torch.cat(rows)
     texts = [model.tokenizer.decode(row.tolist()) for row in tokens]

@@ -9,16 +9,13 @@ The baseline is AR with its key/value cache on the same backbone, timed in the s
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from dlm_pretrain.pretrain.config import SamplingConfig
-from dlm_pretrain.pretrain.objectives import AR, Objective
-from dlm_pretrain.pretrain.objectives.vocab import Vocab
-from dlm_pretrain.pretrain.sampling import generate, start_id
-from dlm_pretrain.pretrain.trained_model import TrainedModel, untrained_like
-from torch import nn
+from dlm_pretrain.pretrain.objectives import AR
+from dlm_pretrain.pretrain.sampling import Sampler
+from dlm_pretrain.pretrain.trained_model import TrainedModel, sampler_of, untrained_like
 
 
 @dataclass(frozen=True)
@@ -36,37 +33,11 @@ class SpeedPoint:
         return self.batch * self.seq_len / self.seconds
 
 
-@dataclass(frozen=True)
-class Sampler:
-    """What a timing needs: the objective's sampler over these layers."""
-
-    objective: Objective
-    layers: Sequence[nn.Module]
-    vocab: Vocab
-    seq_len: int
-    first_token: int  # AR's start (pretrain.sampling.start_id)
-    device: torch.device
-
-    @classmethod
-    def of(cls, model: TrainedModel) -> Sampler:
-        first = start_id(model.tokenizer.special, SamplingConfig())
-        return cls(
-            model.objective, model.layers, model.vocab, model.seq_len, first, model.runtime.device
-        )
-
-
 def timed_sampling(sampler: Sampler, sampling: SamplingConfig) -> tuple[float, int]:
     """Seconds and forward passes of one `generate` call, synchronised with the device."""
     _synchronize(sampler.device)
     start = time.perf_counter()
-    samples = generate(
-        sampler.objective,
-        sampler.layers,
-        sampler.vocab,
-        sampling,
-        sampler.seq_len,
-        sampler.first_token,
-    )
+    samples = sampler.draw(sampling)
     _synchronize(sampler.device)
     return time.perf_counter() - start, samples.forward_passes
 
@@ -98,4 +69,4 @@ def ar_baseline(model: TrainedModel, batches: list[int], repeats: int = 3) -> li
     """AR with its cache on the target's backbone (the target itself if it is AR)."""
     ar = model if isinstance(model.objective, AR) else untrained_like(model, AR())
     name = f"AR baseline ({model.cfg.model.size})"
-    return sampling_speed(Sampler.of(ar), [], batches, name, repeats)
+    return sampling_speed(sampler_of(ar, SamplingConfig()), [], batches, name, repeats)

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlm_pretrain.pretrain.config import SamplingConfig
-from dlm_pretrain.pretrain.sampling import generate, start_id
-from dlm_pretrain.pretrain.trained_model import load_trained_model
+from dlm_pretrain.pretrain.trained_model import load_trained_model, sampler_of
 
 
 @dataclass(frozen=True)
@@ -23,14 +22,7 @@ def sample_run(run_dir: str | Path, sampling: SamplingConfig) -> RunSamples:
     model = load_trained_model(run_dir)  # one process, any saved layout
     tokenizer = model.tokenizer
     start = time.perf_counter()
-    samples = generate(
-        model.objective,
-        model.layers,
-        model.vocab,
-        sampling,
-        model.seq_len,
-        start_id(tokenizer.special, sampling),
-    )
+    samples = sampler_of(model, sampling).draw(sampling)
     seconds = time.perf_counter() - start
     return RunSamples(
         [tokenizer.decode(row.tolist()) for row in samples.tokens],

@@ -6,6 +6,7 @@ gathers the full logits and, with the same seed, draws the same samples.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from dlm_pretrain.data_pipeline.tokenizer import SpecialIds
@@ -70,3 +71,21 @@ def start_id(special: SpecialIds, cfg: SamplingConfig) -> int:
     if cfg.start_token == "bos" and special.bos >= 0:
         return special.bos
     return special.eos
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """An objective's sampler over a model's layers, ready to draw with any settings
+    (pretrain.trained_model.sampler builds one from a run; the sampling bench from parts)."""
+
+    objective: Objective
+    layers: Sequence[nn.Module]
+    vocab: Vocab
+    seq_len: int
+    first_token: int  # AR's start (start_id)
+    device: torch.device
+
+    def draw(self, cfg: SamplingConfig) -> Samples:
+        return generate(
+            self.objective, self.layers, self.vocab, cfg, self.seq_len, self.first_token
+        )

@@ -18,10 +18,11 @@ from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain import checkpoint
-from dlm_pretrain.pretrain.config import RunConfig, load_config
+from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig, load_config
 from dlm_pretrain.pretrain.model_spec import model_spec
 from dlm_pretrain.pretrain.objectives import Objective, build_objective
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
+from dlm_pretrain.pretrain.sampling import Sampler, start_id
 from torch import nn
 
 
@@ -103,3 +104,11 @@ def untrained_like(model: TrainedModel, objective: Objective) -> TrainedModel:
     )
     module.to(model.runtime.device).eval()
     return replace(model, objective=objective, module=module)
+
+
+def sampler_of(model: TrainedModel, cfg: SamplingConfig) -> Sampler:
+    """The model's sampler, AR starting after the token `cfg` asks for."""
+    first = start_id(model.tokenizer.special, cfg)
+    return Sampler(
+        model.objective, model.layers, model.vocab, model.seq_len, first, model.runtime.device
+    )

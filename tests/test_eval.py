@@ -23,11 +23,11 @@ from dlm_pretrain.evaluation.generation import (
 from dlm_pretrain.evaluation.likelihood import dataset_likelihood
 from dlm_pretrain.evaluation.options import EvalOptions
 from dlm_pretrain.evaluation.pareto import ParetoPoint, mark_frontier
-from dlm_pretrain.evaluation.speed import Sampler, sampling_speed
+from dlm_pretrain.evaluation.speed import sampling_speed
 from dlm_pretrain.evaluation.target import load_target
 from dlm_pretrain.launch.cli import main
 from dlm_pretrain.pretrain.config import SamplingConfig
-from dlm_pretrain.pretrain.trained_model import forward
+from dlm_pretrain.pretrain.trained_model import forward, sampler_of
 from test_train import _train
 
 STEPS = ("train.steps=20", "train.val_every=20", "train.checkpoint_every=20")
@@ -143,7 +143,9 @@ def test_unigram_entropy_against_counts():
 def test_speed_is_timed_not_estimated(runs):
     """More denoising steps take longer, and tokens/s is the batch's tokens over that time."""
     model = load_target(runs["mdlm"])
-    fast, slow = sampling_speed(Sampler.of(model), [2, 48], [2], model.name, repeats=1)
+    fast, slow = sampling_speed(
+        sampler_of(model, SamplingConfig()), [2, 48], [2], model.name, repeats=1
+    )
     assert (fast.steps, slow.steps) == (2, 48)
     assert slow.seconds > fast.seconds > 0
     assert slow.forward_passes > fast.forward_passes

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from dlm_pretrain.pretrain.kernels.losses import all_rows, cross_entropy
-from dlm_pretrain.pretrain.objectives.draws import Samples, categorical, denoiser, refuse_final_step
+from dlm_pretrain.pretrain.objectives.draws import Samples, categorical, denoiser
 from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
@@ -55,7 +55,7 @@ class AR(Objective):
         """Left to right from `start_id` (pretrain.sampling.start_id: BOS as the paper's code,
         or EOS, the token before a document), one token per forward, keys and values cached
         per block (docs/algorithms.md §9.4); top_p filters x̂."""
-        refuse_final_step(cfg.final_step, "AR")
+        self.refuse_final_step(cfg)
         generator, decode = torch.Generator().manual_seed(cfg.seed), model.decoder()
         tokens = torch.full((cfg.num_samples, 1), start_id, dtype=torch.int64, device=model.device)
         s = torch.zeros(cfg.num_samples, device=model.device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 
@@ -64,13 +63,3 @@ def final_step(choice: str, default: str) -> str:
     """sampling.final_step with "default" read as the family's own: the paper's code ends Duo
     greedily and MDLM, GIDD ancestrally (docs/algorithms.md §9)."""
     return default if choice == "default" else choice
-
-
-def refuse_final_step(choice: str, family: str) -> None:
-    """AR and Eso-LM decode each token once, by a draw from x̂: they have no last step to
-    choose, so an explicit choice is an error rather than ignored."""
-    if choice != "default":
-        raise ConfigError(
-            f"sampling.final_step={choice!r} does not apply to {family}, which decodes every "
-            "token once from x̂ and has no final step; leave sampling.final_step=default"
-        )

@@ -31,7 +31,6 @@ from dlm_pretrain.pretrain.objectives.draws import (
     Samples,
     categorical,
     denoiser,
-    refuse_final_step,
 )
 from dlm_pretrain.pretrain.objectives.mdlm import MDLM
 from dlm_pretrain.pretrain.objectives.objective import Denoiser, keep_clean
@@ -194,7 +193,7 @@ class EsoLM(MDLM):
         (docs/algorithms.md §9.3); each a draw from x̂ (top_p filters x̂). With cfg.kv_cache a
         step runs the slots decoded at the step before (committing their keys and values) and
         the slots it decodes; without, the whole sequence."""
-        refuse_final_step(cfg.final_step, "Eso-LM")
+        self.refuse_final_step(cfg)
         generator, device = torch.Generator().manual_seed(cfg.seed), model.device
         n = cfg.num_samples
         order = torch.stack([torch.randperm(seq_len, generator=generator) for _ in range(n)])

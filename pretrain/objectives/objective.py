@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
+from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.parallel.config import AttentionSpec
 from dlm_pretrain.pretrain.objectives.draws import Samples
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -63,6 +64,17 @@ class Objective(ABC):
         """The share of rows whose blocks run 2L tokens (Eso-LM's sequential branch), for the
         FLOPs accounting."""
         return 0.0
+
+    def refuse_final_step(self, cfg: SamplingConfig) -> None:
+        """Families without a last step (has_final_step False: AR and Eso-LM decode each token
+        once, by a draw from x̂) take an explicit sampling.final_step as an error rather than
+        ignore it."""
+        if not self.has_final_step and cfg.final_step != "default":
+            raise ConfigError(
+                f"sampling.final_step={cfg.final_step!r} does not apply to "
+                f"{type(self).__name__}, which decodes every token once from x̂ and has no final "
+                "step; leave sampling.final_step=default"
+            )
 
     def check_micro_batch(self, micro_batch: int) -> None:
         """Raise ConfigError if train.micro_batch cannot hold what the objective puts in a
