@@ -4,18 +4,16 @@ torchrun command of a training run."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dlm_pretrain.launch.sweep.runner import free_port
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # below the ephemeral range: no other test's connection takes it
 
 
 def torchrun_command(nproc: int, *args: str) -> list[str]:

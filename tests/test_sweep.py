@@ -141,6 +141,12 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, lines)}
 
 
+def _log_tails(runs) -> str:
+    """The end of each run's launch.log: why a run failed, in the assertion's message."""
+    logs = (run.run_dir / "launch.log" for run in runs)
+    return "\n".join(f"== {p}\n" + "\n".join(p.read_text().splitlines()[-30:]) for p in logs)
+
+
 @pytest.mark.slow
 def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, tmp_path, capsys):
     """Two runs side by side through the deepspeed launcher; SIGTERM to `dlm sweep launch`
@@ -178,7 +184,7 @@ def test_a_local_sweep_stops_on_sigterm_resumes_and_skips_what_is_done(dataset, 
     assert all(step < r.steps for step, r in zip(stopped.values(), runs, strict=True)), stopped
 
     # the rest in this process: the commands' own functions, without their start-up
-    assert launch_local(path, sweep, runs) == 0
+    assert launch_local(path, sweep, runs) == 0, _log_tails(runs)
     for run in runs:
         assert sorted(_losses(run.run_dir)) == list(range(1, run.steps + 1))
     capsys.readouterr()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -182,10 +183,30 @@ class _Progress:
 
 
 def free_port() -> int:
-    """A TCP port free on this machine now, for a run's rendezvous."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port free on this machine now, for a run's rendezvous: drawn below the kernel's
+    ephemeral range, which it hands to outgoing connections (another run's gloo links) and to
+    bind(0), so that nothing takes it before the launcher listens there."""
+    low = _ephemeral_low()
+    ports = random.sample(range(PORT_FLOOR, low), k=64) if low - PORT_FLOOR >= 64 else []
+    for port in [*ports, 0]:  # 0: the kernel's choice, where no range lies below
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError("no free TCP port for a run's rendezvous")
+
+
+PORT_FLOOR = 20_000  # rendezvous ports are drawn from here to the ephemeral range's start
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 def device_slots(nproc: int, concurrent: int) -> list[list[int]]:
