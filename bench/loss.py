@@ -26,11 +26,19 @@ from dlm_pretrain.pretrain.objectives.vocab import Vocab
 SEQUENCES = 8  # the tokens are 8 sequences
 
 
-def _status(field: str) -> float:
+def memory_mib(field: str) -> float:
     """A /proc/self/status memory figure in MiB."""
     with open("/proc/self/status") as f:
         line = next(line for line in f if line.startswith(field))
     return int(line.split()[1]) / 1024
+
+
+def reset_peak_memory() -> float:
+    """Reset the peak resident set (VmHWM) to the current one; returns the current MiB."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return memory_mib("VmRSS")
 
 
 def _measure(fn, logits: torch.Tensor) -> tuple[float, float]:
@@ -38,14 +46,11 @@ def _measure(fn, logits: torch.Tensor) -> tuple[float, float]:
     best = float("inf")
     for _ in range(3):
         logits.grad = None
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set to the current one
-        before = _status("VmRSS")
+        before = reset_peak_memory()
         start = time.perf_counter()
         fn(logits).sum().backward()
         best = min(best, time.perf_counter() - start)
-        extra = _status("VmHWM") - before - logits.numel() * logits.element_size() / 2**20
+        extra = memory_mib("VmHWM") - before - logits.numel() * logits.element_size() / 2**20
     return extra, best
 
 
