@@ -106,7 +106,7 @@ def _worker(size: str, seq_len: int, steps: int, out: Path) -> None:
 
     model = build_pipeline(cfg, groups, AR().attention_spec(), loss_fn=loss_fn)
     train = TrainConfig(global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, steps=steps)
-    engine = build_engine(model, train, OptimConfig(), groups, total_steps=steps)
+    engine = build_engine(model, train, OptimConfig(), groups, schedule=[(0, steps)])
     generator = torch.Generator().manual_seed(0)
 
     def micro_batches():

@@ -32,7 +32,7 @@ from dlm_pretrain.parallel.config import TIME_FEATURES
 from dlm_pretrain.parallel.model import LN_EPS
 from dlm_pretrain.pretrain.checkpoint import checkpoint_folder
 from dlm_pretrain.pretrain.checkpoint_files import read_meta, read_weights
-from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig, load_config
+from dlm_pretrain.pretrain.config import CONFIG_FILE, RunConfig, SamplingConfig, load_config
 from dlm_pretrain.pretrain.model_spec import model_spec
 from dlm_pretrain.pretrain.objectives import build_objective
 from dlm_pretrain.pretrain.objectives.draws import T_MIN
@@ -96,9 +96,9 @@ class _Export:
 
     def __init__(self, run_dir: Path, step: int | None) -> None:
         self.folder = checkpoint_folder(run_dir, step)
-        config = run_dir / "config.yaml"
+        config = run_dir / CONFIG_FILE
         if not config.is_file():
-            raise CheckpointError(f"{run_dir} has no config.yaml; it is not a run directory")
+            raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}; it is not a run directory")
         self.cfg: RunConfig = load_config(str(config), [])
         if self.cfg.objective.name not in ARCHITECTURES:
             raise CheckpointError(

@@ -26,12 +26,11 @@ from dlm_pretrain.data_pipeline import Tokenizer
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE, TOKENIZER_FILE
 from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.checkpoint_files import write_meta, write_weights
-from dlm_pretrain.pretrain.config import RunConfig, load_config
+from dlm_pretrain.pretrain.config import CONFIG_FILE, RunConfig, load_config, write_run_config
 from dlm_pretrain.pretrain.model_spec import padded_vocab_size
 from safetensors.torch import load_file
 from torch import Tensor
 
-CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -96,7 +95,7 @@ def _run_config(
         f"data.tokenizer_sha256={tokenizer.sha256}",
     ]
     cfg = load_config(str(path), overrides)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_run_config(staging, cfg, [])  # a new run: its first start is its first revision
     return cfg
 
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
 from dlm_pretrain.common.errors import CheckpointError
 from dlm_pretrain.common.files import new_directory, write_atomic
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE, TOKENIZER_FILE
 from dlm_pretrain.pretrain import checkpoint
-from dlm_pretrain.pretrain.config import RunConfig, load_config
+from dlm_pretrain.pretrain.config import CONFIG_FILE, RunConfig, load_config, write_run_config
+from dlm_pretrain.pretrain.run_records import SAMPLES, TRAIN_LOG, VAL_LOG
 
-CONFIG_FILE = "config.yaml"
-RUN_RECORDS = (MANIFEST_FILE, TOKENIZER_FILE, "train_log.jsonl")  # copied to a new run directory
+# copied to a new run directory with the samples (its MLflow run starts anew)
+RUN_RECORDS = (MANIFEST_FILE, TOKENIZER_FILE, TRAIN_LOG, VAL_LOG)
 
 
 def reshard(run_dir: Path, tensor: int, pipeline: int, out: Path | None = None) -> RunConfig:
@@ -43,7 +43,10 @@ def reshard(run_dir: Path, tensor: int, pipeline: int, out: Path | None = None) 
         for name in RUN_RECORDS:
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
-        (staging / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if (run_dir / SAMPLES).is_dir():
+            shutil.copytree(run_dir / SAMPLES, staging / SAMPLES)
+        revisions = checkpoint.read_meta(source).get("run", {}).get("revisions", [])
+        write_run_config(staging, cfg, revisions)  # the next start adds the layout's revision
     return cfg
 
 

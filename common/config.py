@@ -41,6 +41,12 @@ class Section(BaseModel):
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
 
+def one_or_many(value: object) -> object:
+    """A `field_validator(..., mode="before")` for tuple fields: one string is a tuple of one,
+    so that `key=a` and `key=[a, b]` both work."""
+    return (value,) if isinstance(value, str) else value
+
+
 def describe_errors(cls: type[Section], error: ValidationError) -> str:
     """One line per bad value: the key, the value, what is allowed (and the closest key or
     choice when that helps)."""

@@ -6,7 +6,7 @@ Each field's description is the one description of that option: `dlm prepare --h
 
 from __future__ import annotations
 
-from dlm_pretrain.common.config import Section
+from dlm_pretrain.common.config import Section, one_or_many
 from dlm_pretrain.common.errors import ConfigError
 from pydantic import Field, field_validator, model_validator
 
@@ -51,10 +51,7 @@ class PrepareConfig(Section):
         description="fail on a bad jsonl line or an empty document instead of skipping",
     )
 
-    @field_validator("corpus", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return (value,) if isinstance(value, str) else value
+    _corpus_one_or_many = field_validator("corpus", mode="before")(one_or_many)
 
     @model_validator(mode="after")
     def _vocabulary_fits_the_bytes(self) -> PrepareConfig:

@@ -11,11 +11,12 @@ from pathlib import Path
 from dlm_pretrain.checkpoints_tools.export_hf import RUN_CONFIG_KEY
 from dlm_pretrain.checkpoints_tools.import_hf import import_hf
 from dlm_pretrain.common.errors import ConfigError
+from dlm_pretrain.pretrain.config import CONFIG_FILE
 from dlm_pretrain.pretrain.trained_model import TrainedModel, load_trained_model
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file()
+    return (path / CONFIG_FILE).is_file()
 
 
 def is_hf_export(path: Path) -> bool:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from dlm_pretrain.common.config import Section, apply_overrides
+from dlm_pretrain.common.config import Section, apply_overrides, one_or_many
 from dlm_pretrain.common.errors import ConfigError
+from dlm_pretrain.common.files import write_atomic
 from dlm_pretrain.data_pipeline.config import DataConfig
 from dlm_pretrain.parallel.config import SIZES, ParallelConfig
 from dlm_pretrain.pretrain.flops import CONVENTIONS
@@ -19,7 +20,8 @@ from dlm_pretrain.pretrain.objectives import OBJECTIVES, build_objective
 from dlm_pretrain.pretrain.objectives.draws import FINAL_STEPS, TOP_P_PLACEMENTS
 from dlm_pretrain.pretrain.objectives.gidd import LOSS_WEIGHTINGS
 from dlm_pretrain.pretrain.objectives.mdlm import LOSS_TYPES
-from pydantic import Field, model_validator
+from dlm_pretrain.pretrain.revisions import check_allowable
+from pydantic import Field, field_validator, model_validator
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -94,6 +96,13 @@ class TrainConfig(Section):
     sample_steps: int = Field(default=64, ge=1, description="denoising steps of the samples")
     num_samples: int = Field(default=2, ge=1, description="samples written at each validation")
     peak_flops: float = Field(default=0.0, ge=0, description="device peak for MFU (0: table)")
+    allow_changes: tuple[str, ...] = Field(
+        default=(),
+        description="identity settings (e.g. objective.name, or the section optim) this "
+        "restart may change from the checkpoint's; recorded with its revision, used once",
+    )
+
+    _allow_one_or_many = field_validator("allow_changes", mode="before")(one_or_many)
 
     @model_validator(mode="after")
     def _batch_and_length(self) -> TrainConfig:
@@ -107,6 +116,7 @@ class TrainConfig(Section):
                 f"set exactly one of train.steps ({self.steps}) and train.flops_budget "
                 f"({self.flops_budget}); a budget needs train.steps=0"
             )
+        check_allowable(self.allow_changes)
         return self
 
     def accumulation_steps(self, dp_size: int) -> int:
@@ -202,6 +212,33 @@ class RunConfig(Section):
         return {f"{s}.{k}": v for s, values in self.to_dict().items() for k, v in values.items()}
 
 
+CONFIG_FILE = "config.yaml"  # in a run directory: the settings in effect and the revisions
+REVISIONS_KEY = "revisions"  # in a run's config.yaml: the run's history, not a setting
+
+
+def config_text(cfg: RunConfig, revisions: list[dict], allowed: tuple[str, ...]) -> str:
+    """A run directory's config.yaml: the settings in effect (a preset for `dlm train`, with
+    `allowed` as train.allow_changes), then every revision of the run with the step it took
+    effect, which a preset load skips."""
+    settings = cfg.to_dict()
+    settings["train"]["allow_changes"] = list(allowed)
+    header = (
+        "# The run's settings now. `revisions`: its first start and each restart that changed\n"
+        "# a setting, with the step it took effect (read by dlm, skipped as a preset).\n"
+    )
+    body = yaml.safe_dump(settings, sort_keys=False)
+    return header + body + yaml.safe_dump({REVISIONS_KEY: revisions}, sort_keys=False)
+
+
+def write_run_config(
+    run_dir: Path, cfg: RunConfig, revisions: list[dict], allowed: tuple[str, ...] = ()
+) -> str:
+    """Write RUN_DIR/config.yaml (config_text) atomically; returns its text."""
+    text = config_text(cfg, revisions, allowed)
+    write_atomic(Path(run_dir) / CONFIG_FILE, text.encode())
+    return text
+
+
 def load_config(preset: str | None, overrides: list[str]) -> RunConfig:
     """The field defaults, then a preset (pretrain/presets/NAME.yaml or a YAML path), then the
     `section.key=value` overrides."""
@@ -222,4 +259,5 @@ def _preset_tree(preset: str | None) -> dict:
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} is not a YAML mapping of sections")
+    tree.pop(REVISIONS_KEY, None)  # a run directory's config.yaml
     return tree

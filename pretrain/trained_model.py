@@ -18,7 +18,7 @@ from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain import checkpoint
-from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig, load_config
+from dlm_pretrain.pretrain.config import CONFIG_FILE, RunConfig, SamplingConfig, load_config
 from dlm_pretrain.pretrain.model_spec import model_spec
 from dlm_pretrain.pretrain.objectives import Objective, build_objective
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -60,7 +60,7 @@ def load_trained_model(
     run_dir = Path(run_dir)
     folder = checkpoint.checkpoint_folder(run_dir, step)
     meta = checkpoint.read_meta(folder)
-    cfg = load_config(str(run_dir / "config.yaml"), [])
+    cfg = load_config(str(run_dir / CONFIG_FILE), [])
     runtime = runtime or Runtime.detect()
     groups = init_process_groups(ParallelConfig(), runtime)
     manifest = load_manifest(run_dir)

@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from dlm_pretrain.common.errors import DlmError
 from dlm_pretrain.data_pipeline import Tokenizer, TrainLoader, open_dataset, validation_batches
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE, TOKENIZER_FILE, Manifest
@@ -25,13 +23,27 @@ from dlm_pretrain.parallel.groups import ProcessGroups, Runtime, init_process_gr
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.parallel.stages import forward_through_stages
 from dlm_pretrain.pretrain import checkpoint
-from dlm_pretrain.pretrain.config import RunConfig, SamplingConfig
-from dlm_pretrain.pretrain.engine import build_engine
+from dlm_pretrain.pretrain.config import (
+    CONFIG_FILE,
+    RunConfig,
+    SamplingConfig,
+    write_run_config,
+)
+from dlm_pretrain.pretrain.engine import apply_optim, build_engine, describe_schedule
 from dlm_pretrain.pretrain.metrics import device_peak_flops, step_line, throughput
 from dlm_pretrain.pretrain.model_spec import flops_per_sequence, model_spec, total_steps
 from dlm_pretrain.pretrain.objectives import Objective, build_objective
 from dlm_pretrain.pretrain.objectives.schedule import sample_t
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
+from dlm_pretrain.pretrain.revisions import (
+    TOTAL_STEPS,
+    Revision,
+    RunHistory,
+    first_start,
+    restart,
+    run_settings,
+)
+from dlm_pretrain.pretrain.run_records import SAMPLES, RunRecords, sample_path
 from dlm_pretrain.pretrain.sampling import generate, start_id
 from dlm_pretrain.pretrain.tracking import Tracker, default_tracking_uri, plot_losses
 
@@ -159,12 +171,11 @@ class _Run:
     tokenizer: Tokenizer
     run_dir: Path
     layout: dict
+    history: RunHistory
+    records: RunRecords
     total_steps: int
     flops_per_seq: int
     peak_flops: float
-    history: dict[str, list[tuple[int, float]]] = field(
-        default_factory=lambda: {"train (objective)": [], "validation (ELBO)": []}
-    )
 
     @property
     def is_logger(self) -> bool:
@@ -180,9 +191,9 @@ def run(cfg: RunConfig, runtime: Runtime | None = None) -> Path:
     )
     stop, bad_in_a_row = _StopRequest(), 0
     clock = (time.perf_counter(), state.step)
-    if state.step == 0:
-        _validate_and_sample(r, state)  # the starting point of the validation curve
     try:
+        if state.step == 0:
+            _validate_and_sample(r, state)  # the starting point of the validation curve
         while state.step < r.total_steps:
             loss = r.engine.train_batch(data_iter=micro_batches).item()  # host sync: one per step
             grad_norm = _grad_norm(r.engine)
@@ -192,6 +203,8 @@ def run(cfg: RunConfig, runtime: Runtime | None = None) -> Path:
             bad_in_a_row = _record_step(r, state, loss, grad_norm, bad_in_a_row)
             if state.step % cfg.train.log_every == 0 or state.step == r.total_steps:
                 _log_step(r, state, loss, grad_norm, clock)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                _stop_diverged(r, state, bad_in_a_row)
             if state.step % cfg.train.val_every == 0 or state.step == r.total_steps:
                 _validate_and_sample(r, state)
             if stop.agreed(r.runtime.device):
@@ -200,6 +213,9 @@ def run(cfg: RunConfig, runtime: Runtime | None = None) -> Path:
                 break
             if state.step % cfg.train.checkpoint_every == 0 or state.step == r.total_steps:
                 _save(r, state)
+    except BaseException:
+        r.tracker.close("FAILED")  # else MLflow's active run outlives the run in this process
+        raise
     finally:
         # Shut the loader's workers down now: left to interpreter exit, multiprocessing
         # would SIGTERM them, which they ignore (data_pipeline/reader.py), and wait forever.
@@ -209,7 +225,8 @@ def run(cfg: RunConfig, runtime: Runtime | None = None) -> Path:
 
 
 def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkpoint.LoopState]:
-    """Process groups, data, model, engine, tracking; then the latest checkpoint, if any."""
+    """Process groups, data, the run's settings against the checkpoint's, model, engine, the
+    latest checkpoint if any; then the records and tracking, once nothing else can fail."""
     runtime = runtime or Runtime.detect(cfg.train.dtype or None)
     groups = init_process_groups(cfg.parallel, runtime)
     manifest = open_dataset(
@@ -218,11 +235,14 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
     run_dir = Path(cfg.train.run_dir)
     checkpoint.clean_incomplete(run_dir)
     saved = checkpoint.saved_meta(run_dir)
+    steps = total_steps(cfg, manifest)
+    history, revision = _run_history(cfg, manifest, runtime, steps, saved)  # before any work
+    imported = saved is not None and saved["format"] == checkpoint.WEIGHTS
+    records = RunRecords(run_dir, None if saved is None or imported else saved["step"])
     model_cfg, vocab = model_spec(cfg, manifest, saved and saved["vocab_size"])
     vocab = vocab.to(runtime.device)
     objective = build_objective(cfg.objective)
     flops_per_seq = flops_per_sequence(cfg, manifest)
-    steps = total_steps(cfg, manifest)
     cfg.train.accumulation_steps(groups.dp_size)  # checks the batch sizes before building
 
     layout = {"tensor": groups.tp_size, "pipeline": groups.pp_size, "data": groups.dp_size}
@@ -240,9 +260,11 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         partition=cfg.parallel.partition,
         compute_dtype=runtime.dtype,
     )
-    if saved is not None and saved["format"] == checkpoint.WEIGHTS:
+    if imported:
         checkpoint.load_weights(model, checkpoint.checkpoint_folder(run_dir))
-    engine = build_engine(model, cfg.train, cfg.optim, groups, steps, universal is not None)
+    engine = build_engine(
+        model, cfg.train, cfg.optim, groups, history.schedule, universal is not None
+    )
     loader = TrainLoader(
         cfg.data.path,
         manifest,
@@ -253,17 +275,20 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         seed=cfg.data.seed,
         pin_memory=runtime.device.type == "cuda",
     )
-    _write_config(cfg, run_dir, model_cfg, steps, flops_per_seq)
-    tracker = Tracker(
-        cfg.tracking.uri or default_tracking_uri(run_dir),
-        cfg.tracking.experiment,
-        run_dir,
-        active=dist.get_rank() == 0,
-        parent_run_id=cfg.tracking.parent_run_id,
-        tags=cfg.tracking.tags,
-    )
-    tracker.log_params(cfg.flat())
-    tracker.log_artifact(run_dir / "config.yaml")
+    state = checkpoint.LoopState()
+    if imported:
+        log.info(
+            "fine-tuning the imported weights in %s: the optimizer, learning-rate schedule and "
+            "data position start fresh",
+            run_dir,
+        )
+    elif (loaded := checkpoint.load(engine, run_dir, layout, universal)) is not None:
+        state, client = loaded
+        apply_optim(engine, cfg.optim)
+        loader.load_state_dict(client["reader"])
+        log.info("resumed from step %d (%s)", state.step, checkpoint.latest_tag(run_dir))
+    _write_config(cfg, run_dir, history, revision, model_cfg, flops_per_seq)
+    tracker = _open_records(cfg, history, records)
     r = _Run(
         cfg=cfg,
         runtime=runtime,
@@ -278,40 +303,97 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
         tokenizer=Tokenizer.load(Path(cfg.data.path) / TOKENIZER_FILE),
         run_dir=run_dir,
         layout=layout,
+        history=history,
+        records=records,
         total_steps=steps,
         flops_per_seq=flops_per_seq,
         peak_flops=device_peak_flops(cfg.train.peak_flops),
     )
-    state = checkpoint.LoopState()
-    if saved is not None and saved["format"] == checkpoint.WEIGHTS:
-        log.info(
-            "fine-tuning the imported weights in %s: the optimizer, learning-rate schedule and "
-            "data position start fresh",
-            run_dir,
-        )
-        return r, state
-    loaded = checkpoint.load(engine, run_dir, layout, universal)
-    if loaded is not None:
-        state, client = loaded
-        loader.load_state_dict(client["reader"])
-        log.info("resumed from step %d (%s)", state.step, checkpoint.latest_tag(run_dir))
+    if state.step:
+        _plot_losses(r)  # without what the records held after the checkpoint
+    if revision is not None:
+        _log_revision(r, revision)
     return r, state
 
 
-def _write_config(cfg: RunConfig, run_dir: Path, model_cfg, total_steps, flops_per_seq) -> None:
-    """Print the resolved configuration and save it in the run directory with the dataset's
-    manifest and tokenizer, so that the run directory alone can be exported (rank 0)."""
-    resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def _run_history(
+    cfg: RunConfig, manifest: Manifest, runtime: Runtime, steps: int, saved: dict | None
+) -> tuple[RunHistory, Revision | None]:
+    """The run's settings (the config with what the dataset and device resolve), checked
+    against the checkpoint's; the revisions so far, and this restart's (None: no change)."""
+    resolved = {
+        "data.seq_len": manifest.seq_len,
+        "data.tokenizer_sha256": manifest.tokenizer_sha256,
+        "train.dtype": str(runtime.dtype).removeprefix("torch."),
+        TOTAL_STEPS: steps,
+    }
+    settings = run_settings(cfg.flat(), resolved)
+    if saved is None or saved["format"] == checkpoint.WEIGHTS:
+        return first_start(settings), None
+    if "run" not in saved:
+        log.warning(
+            "the checkpoint at step %d predates recorded run settings: this restart is not "
+            "checked, its settings are recorded as the run's first, and the learning-rate "
+            "schedule is computed for the current number of steps from step 0",
+            saved["step"],
+        )
+        return first_start(settings), None
+    defaults = run_settings(RunConfig().flat(), {})
+    saved_history = RunHistory.from_dict(saved["run"])
+    return restart(saved_history, settings, saved["step"], cfg.train.allow_changes, defaults)
+
+
+def _open_records(cfg: RunConfig, history: RunHistory, records: RunRecords) -> Tracker:
+    """The run directory's records and MLflow run cut back to the checkpoint, with the
+    settings and revisions recorded (rank 0; the tracker is a no-op elsewhere)."""
+    run_dir = Path(cfg.train.run_dir)
     if dist.get_rank() == 0:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(resolved)
+        records.rewind()
+    tracker = Tracker(
+        cfg.tracking.uri or default_tracking_uri(run_dir),
+        cfg.tracking.experiment,
+        run_dir,
+        active=dist.get_rank() == 0,
+        parent_run_id=cfg.tracking.parent_run_id,
+        tags=cfg.tracking.tags,
+        rewind=True,
+        last_step=records.last_step,
+    )
+    tracker.log_params(history.settings)
+    tracker.set_revisions([r.describe() for r in history.revisions])
+    tracker.log_artifact(run_dir / CONFIG_FILE)
+    return tracker
+
+
+def _log_revision(r: _Run, revision: Revision) -> None:
+    log.info("this restart changes the run's settings (config.yaml): %s", revision.describe())
+    if TOTAL_STEPS in revision.changes:
+        log.info(describe_schedule(r.history.schedule, r.cfg.optim, revision.step))
+
+
+def _write_config(
+    cfg: RunConfig,
+    run_dir: Path,
+    history: RunHistory,
+    revision: Revision | None,
+    model_cfg,
+    flops_per_seq,
+) -> None:
+    """Print the resolved configuration and save it in the run directory, with every
+    revision of the run, the dataset's manifest and tokenizer, so that the run directory
+    alone can be exported (rank 0). train.allow_changes keeps the keys this start's revision
+    used (a restart killed before its next checkpoint needs them again), nothing else."""
+    allowed = tuple(revision.allowed) if revision else ()
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = write_run_config(run_dir, cfg, [asdict(r) for r in history.revisions], allowed)
         for name in (MANIFEST_FILE, TOKENIZER_FILE):
             shutil.copyfile(Path(cfg.data.path) / name, run_dir / name)
-        log.info("configuration:\n%s", resolved)
+        log.info("configuration:\n%s", text)
         log.info(
             "%s: %d steps of %d sequences, %.3g training FLOPs per sequence",
             model_cfg,
-            total_steps,
+            history.settings[TOTAL_STEPS],
             cfg.train.global_batch,
             flops_per_seq,
         )
@@ -325,12 +407,10 @@ def _grad_norm(engine) -> float:
 
 def _record_step(r: _Run, state, loss: float, grad_norm: float, bad_in_a_row: int) -> int:
     """Append the step to train_log.jsonl; count non-finite steps (DeepSpeed skipped their
-    update) and stop after max_bad_steps in a row. Returns the new count in a row."""
-    if r.is_logger:  # every step at full precision, for exact comparisons between runs
-        with open(r.run_dir / "train_log.jsonl", "a") as f:
-            f.write(json.dumps({"step": state.step, "loss": loss, "grad_norm": grad_norm}) + "\n")
+    update). Returns the new count in a row."""
+    if r.is_logger:
+        r.records.add_step(state.step, loss, grad_norm)
     if math.isfinite(loss) and math.isfinite(grad_norm):
-        r.history["train (objective)"].append((state.step, loss))
         return 0
     bad_in_a_row += 1
     state.skipped_steps += 1
@@ -341,13 +421,17 @@ def _record_step(r: _Run, state, loss: float, grad_norm: float, bad_in_a_row: in
         grad_norm,
         bad_in_a_row,
     )
-    if bad_in_a_row >= r.cfg.train.max_bad_steps:
-        _save(r, state)
-        raise DivergenceError(
-            f"{bad_in_a_row} non-finite steps in a row at step {state.step}; the last state "
-            f"is saved in {r.run_dir}; lower optim.lr or check the data"
-        )
     return bad_in_a_row
+
+
+def _stop_diverged(r: _Run, state, bad_in_a_row: int) -> None:
+    """After max_bad_steps non-finite steps in a row: save (the step is logged) and stop."""
+    _save(r, state)
+    raise DivergenceError(
+        f"{bad_in_a_row} non-finite steps in a row at step {state.step}; the last state is "
+        f"saved in {r.run_dir}; restart it with a lower optim.lr "
+        "(train.allow_changes=optim.lr) or check the data"
+    )
 
 
 def _log_step(r: _Run, state, loss: float, grad_norm: float, clock: tuple[float, int]) -> None:
@@ -394,14 +478,12 @@ def _log_step(r: _Run, state, loss: float, grad_norm: float, clock: tuple[float,
 
 def _save(r: _Run, state) -> None:
     extra = {"reader": r.loader.state_dict(), "layout": r.layout, "config": r.cfg.to_dict()}
-    validations = r.history["validation (ELBO)"]
     meta = {
         "layout": r.layout,
         "layers": r.model_cfg.n_layers + 2,  # the input stage, the blocks, the output stage
         "vocab_size": r.model_cfg.vocab_size,
-        "validation": dict(zip(("step", "loss"), validations[-1], strict=True))
-        if validations
-        else None,
+        "validation": r.records.last_validation(),  # rank 0's, which writes the meta
+        "run": r.history.to_dict(),  # what a restart is checked against (pretrain/revisions.py)
     }
     tag = checkpoint.save(r.engine, r.run_dir, state, extra, meta)
     log.info("saved checkpoint %s", r.run_dir / "checkpoints" / tag)
@@ -418,13 +500,19 @@ def _validate_and_sample(r: _Run, state) -> None:
         r.groups,
         r.runtime.device,
     )
-    r.history["validation (ELBO)"].append((state.step, val))
     log.info("validation at step %d: loss %.4f, perplexity %.2f", state.step, val, math.exp(val))
+    if r.is_logger:
+        r.records.add_validation(state.step, val)
     r.tracker.log_metrics({"val/loss": val, "val/perplexity": math.exp(val)}, state.step)
     if r.groups.pp_size == 1:  # samplers need the whole model in one process
         _write_samples(r, state.step)
+    _plot_losses(r)
+
+
+def _plot_losses(r: _Run) -> None:
+    """loss_curve.png from the records of the whole run (rank 0)."""
     if r.is_logger:
-        r.tracker.log_artifact(plot_losses(r.history, r.run_dir / "loss_curve.png"))
+        r.tracker.log_artifact(plot_losses(r.records.curves(), r.run_dir / "loss_curve.png"))
 
 
 def _write_samples(r: _Run, step: int) -> None:
@@ -442,6 +530,6 @@ def _write_samples(r: _Run, step: int) -> None:
     if not r.is_logger:
         return
     text = "\n\n==========\n\n".join(r.tokenizer.decode(row.tolist()) for row in samples.tokens)
-    path = r.run_dir / "samples" / f"step{step:08d}.txt"
+    path = sample_path(r.run_dir, step)
     path.write_text(text)
-    r.tracker.log_artifact(path)
+    r.tracker.log_artifact(path, SAMPLES)

@@ -7,6 +7,9 @@ kills inside that work every time, on any machine (no polling for a window to hi
             shards  the first file of the engine's shards is written into .incomplete-TAG
             rename  every shard is written; .incomplete-TAG/TAG is not renamed to TAG yet
             latest  TAG is renamed; `latest` does not name it yet
+    python tests/kill_at.py validated:STEP PRESET [section.key=value ...]
+        the same, killed once step STEP's validation is in val_log.jsonl and MLflow (before
+        its samples and its checkpoint)
     python tests/kill_at.py prepare:N prepare ...
         `dlm prepare ...`, killed once train shard N-1 is renamed and shard N is open under
         its temporary name
@@ -53,6 +56,19 @@ def _in_save(step: int, point: str) -> None:
     checkpoint.write_atomic = checkpoint_files.write_atomic = die_then_write
 
 
+def _after_validation(step: int) -> None:
+    from dlm_pretrain.pretrain.tracking import Tracker
+
+    log_metrics = Tracker.log_metrics
+
+    def log_then_die(self, metrics: dict, at: int) -> None:
+        log_metrics(self, metrics, at)
+        if at == step and "val/loss" in metrics:
+            _die()
+
+    Tracker.log_metrics = log_then_die
+
+
 def _in_prepare(shard: int) -> None:
     from dlm_pretrain.data_pipeline.shards import ShardWriter
 
@@ -73,12 +89,17 @@ if __name__ == "__main__":
         from dlm_pretrain.launch.train import main
 
         _in_save(int(at[0]), at[1])
+    elif what == "validated" and len(at) == 1:
+        from dlm_pretrain.launch.train import main
+
+        _after_validation(int(at[0]))
     elif what == "prepare" and len(at) == 1:
         from dlm_pretrain.launch.cli import main
 
         _in_prepare(int(at[0]))
     else:
         sys.exit(
-            f"kill_at.py: {where!r} is neither save:STEP:{'|'.join(SAVE_POINTS)} nor prepare:N"
+            f"kill_at.py: {where!r} is none of save:STEP:{'|'.join(SAVE_POINTS)}, "
+            "validated:STEP, prepare:N"
         )
     sys.exit(main(args))

@@ -82,7 +82,9 @@ def test_mlflow_holds_params_metrics_and_artifacts(dataset, tmp_path):
     assert [m.step for m in perplexity] == [0, 5, 10]
     assert perplexity[-1].value < perplexity[0].value
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
-    assert {"config.yaml", "loss_curve.png", "step00000000.txt", "step00000010.txt"} <= artifacts
+    assert {"config.yaml", "loss_curve.png", "samples"} <= artifacts
+    samples = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "samples")}
+    assert samples == {f"samples/step{s:08d}.txt" for s in (0, 5, 10)}
     # beside the store, not in whatever directory the run started from
     assert mlflow_run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     assert not (Path.cwd() / "mlruns").exists()
