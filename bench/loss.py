@@ -1,14 +1,15 @@
-"""Peak extra memory and time of the losses' forward + backward on CPU.
+"""Peak extra memory and time of the head and the losses, forward + backward, on CPU.
 
-    python bench/loss.py [--vocab 32001] [--tokens 8192]
+    python bench/loss.py [--vocab 32001] [--tokens 8192] [--hidden 384]
 
-For float32 logits [tokens, vocab]: the straightforward implementation of each formula as
-the reference code writes it (full-vocabulary float32 tensors) and the production loss (the
-objective over pretrain.kernels.losses; on CPU its chunked twin, pretrain.kernels.chunked).
-Extra memory = peak resident memory
-during forward + backward, minus the resident memory before it and minus the logits'
-gradient every variant must produce (Linux VmHWM, reset before each run).
-Target: the production loss's extra memory at most 10% of the straightforward one's, and no slower.
+For a head (hidden [tokens, d], weight [vocab, d], bias, float32) and each loss:
+- straightforward: the head's logits [tokens, vocab], then each formula as the reference
+  code writes it (full-vocabulary float32 tensors), autograd through both;
+- head, then the loss: our kernels (pretrain.kernels.losses; on CPU the chunked twins) with
+  every row's logits in one block, as before the head and the loss were fused;
+- fused: the production path, logits a block of rows at a time (losses.BLOCK_BYTES).
+Extra memory = peak resident memory during forward + backward minus the resident memory
+before it (Linux VmHWM, reset before each run); each variant allocates the same gradients.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from dlm_pretrain.parallel.head import HeadInput
+from dlm_pretrain.pretrain.kernels import losses
 from dlm_pretrain.pretrain.objectives import GIDD, MDLM, Duo
 from dlm_pretrain.pretrain.objectives.schedule import alpha
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
@@ -41,16 +44,15 @@ def reset_peak_memory() -> float:
     return memory_mib("VmRSS")
 
 
-def _measure(fn, logits: torch.Tensor) -> tuple[float, float]:
-    """(extra MiB, best seconds of 3) of fn(logits).sum().backward()."""
-    best = float("inf")
+def _measure(step) -> tuple[float, float]:
+    """(extra MiB, best seconds of 3) of step()."""
+    best, extra = float("inf"), 0.0
     for _ in range(3):
-        logits.grad = None
         before = reset_peak_memory()
         start = time.perf_counter()
-        fn(logits).sum().backward()
+        step()
         best = min(best, time.perf_counter() - start)
-        extra = memory_mib("VmHWM") - before - logits.numel() * logits.element_size() / 2**20
+        extra = max(extra, memory_mib("VmHWM") - before)
     return extra, best
 
 
@@ -107,11 +109,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=32001)
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--hidden", type=int, default=384)
     args = parser.parse_args()
-    n, v = args.tokens, args.vocab
+    n, v, d = args.tokens, args.vocab, args.hidden
     vocab = Vocab.build(v, mask_id=v - 1, never_in_data=(0,))
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(n, v, generator=g) * 2).requires_grad_()
+    hidden = torch.randn(n, d, generator=g).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) * 2 / d**0.5).requires_grad_()
+    bias = torch.zeros(v, requires_grad=True)
     x0 = vocab.real_ids[torch.randint(vocab.num_real, (n,), generator=g)]
     t_seq = torch.linspace(1e-3, 0.999, SEQUENCES)  # one t per sequence, as in training
     t = t_seq.repeat_interleave(n // SEQUENCES)  # per token, for the reference forms
@@ -120,35 +125,48 @@ def main() -> None:
     uniform = torch.where(corrupt, vocab.real_ids[torch.randint(vocab.num_real, (n,))], x0)
     gidd = GIDD(p_uniform=0.1)
     mixed = gidd.noise(x0.view(SEQUENCES, -1), t_seq, torch.arange(SEQUENCES), vocab).flatten()
+    shape = (SEQUENCES, n // SEQUENCES)
 
-    def ours(objective, xt):
-        def loss(lg):
-            shape = (SEQUENCES, n // SEQUENCES)
-            return objective.per_token_loss(
-                lg.view(*shape, v), x0.view(shape), xt.view(shape), t_seq, vocab
-            )
+    def clear() -> None:
+        for p in (hidden, weight, bias):
+            p.grad = None
 
-        return loss
+    def straightforward(reference, xt):
+        clear()
+        reference(F.linear(hidden, weight, bias), x0, xt, t, vocab).mean().backward()
+
+    def ours(objective, xt, block_bytes):
+        clear()
+        losses.BLOCK_BYTES = block_bytes
+        head = HeadInput(hidden.view(*shape, d), weight, bias, None)
+        objective.train_loss(head, x0.view(shape), xt.view(shape), t_seq, vocab).backward()
 
     cases = {
         "MDLM cross-entropy": (masked, reference_cross_entropy, MDLM(loss_type="cross_entropy")),
         "Duo ELBO": (uniform, reference_duo, Duo()),
         "GIDD (p_u = 0.1, dynamic weights)": (mixed, reference_gidd, gidd),
     }
+    fused_bytes = losses.BLOCK_BYTES
     print(
-        f"{n} tokens x vocab {v}, float32 logits ({n * v * 4 / 2**30:.2f} GiB), CPU, "
-        f"{torch.get_num_threads()} threads"
+        f"{n} tokens x vocab {v}, hidden {d}, float32 (every logit: {n * v * 4 / 2**30:.2f} "
+        f"GiB), CPU, {torch.get_num_threads()} threads; fused blocks of "
+        f"{losses.rows_per_block(v)} rows"
     )
     for name, (xt, reference, objective) in cases.items():
-        print(f"\n{name}:                  extra memory      time")
-        base_mem, base_time = _measure(lambda lg, r=reference, z=xt: r(lg, x0, z, t, vocab), logits)
+        print(f"\n{name}:                      extra memory      time")
+        base_mem, base_time = _measure(lambda r=reference, z=xt: straightforward(r, z))
         rows = [("straightforward", base_mem, base_time)]
-        rows.append(("production", *_measure(ours(objective, xt), logits)))
+        one_block = _measure(lambda o=objective, z=xt: ours(o, z, 2**62))
+        rows.append(("head, then the loss", *one_block))
+        rows.append(
+            ("fused head+loss", *_measure(lambda o=objective, z=xt: ours(o, z, fused_bytes)))
+        )
         for label, mem, seconds in rows:
             print(
-                f"  {label:<16} {mem:9.0f} MiB ({mem / base_mem:6.1%})"
+                f"  {label:<20} {mem:9.0f} MiB ({mem / base_mem:6.1%})"
                 f"  {seconds:6.2f} s ({base_time / seconds:.2f}x)"
             )
+        losses.BLOCK_BYTES = fused_bytes
 
 
 if __name__ == "__main__":

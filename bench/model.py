@@ -81,7 +81,7 @@ def _time_ours(cfg: ModelConfig, objective, inputs, labels, vocab, groups) -> tu
     model = build_pipeline(cfg, groups, objective.attention_spec())
 
     def step() -> None:
-        objective.per_token_loss(model(inputs), *labels, vocab).mean().backward()
+        objective.train_loss(model(inputs), *labels, vocab).backward()
 
     return _time_and_memory(step, model.parameters())
 

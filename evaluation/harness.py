@@ -157,7 +157,7 @@ def _ar_greedy(model: TrainedModel, x0: Tensor, scored: Tensor) -> list[bool]:
     over the real ids is token l at every scored l. x0, scored [N, L] -> N bools"""
     ids = torch.arange(len(x0), device=x0.device)
     inputs, _ = model.objective.batch(x0, torch.zeros(len(x0), device=x0.device), ids, model.vocab)
-    logits = forward(model, inputs)[:, :-1]  # [N, L-1, V]: position l - 1 predicts token l
+    logits = forward(model, inputs).logits()[:, :-1]  # [N, L-1, V]: position l - 1 predicts token l
     targets = scored[:, 1:]
     best = logits[targets].masked_fill(~model.vocab.real, float("-inf")).argmax(-1)
     hit = torch.ones_like(targets)

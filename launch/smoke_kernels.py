@@ -1,8 +1,8 @@
 """The smoke check's kernel comparisons: every Triton kernel against its chunked PyTorch twin
-(docs/conventions.md §11) on the same inputs, the cross-entropy and Duo losses forward and backward
-in float32 and bf16 logits and the MDLM, Duo and GIDD noising, with the largest relative error and
-the time of each backend. Kept apart from launch.smoke, which runs them among its other
-checks, because building the inputs and tolerances is its own concern.
+(docs/conventions.md §11) on the same inputs, the fused head with the cross-entropy and Duo
+losses forward and backward in float32 and bf16 and the MDLM, Duo and GIDD noising, with the
+largest relative error and the time of each backend. Kept apart from launch.smoke, which runs
+them among its other checks, because building the inputs and tolerances is its own concern.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from functools import partial
 import torch
 from dlm_pretrain.launch.smoke_check import FAIL, PASS, SKIP, Check, attempt, timed
 from dlm_pretrain.parallel.groups import Runtime
+from dlm_pretrain.parallel.head import HeadInput
 from dlm_pretrain.pretrain.kernels import KERNELS_ENV
-from dlm_pretrain.pretrain.kernels.losses import all_rows, cross_entropy, duo_statistics
-from dlm_pretrain.pretrain.objectives import GIDD, MDLM, Duo, Objective
-from dlm_pretrain.pretrain.objectives.schedule import alpha
+from dlm_pretrain.pretrain.objectives import AR, GIDD, MDLM, Duo, Objective
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
 
@@ -26,6 +25,7 @@ from torch import Tensor
 # Triton, small with ragged last blocks), noised [B, L], timed calls after the first (CPU:
 # none, the first one is timed; the interpreter compiles nothing).
 KERNEL_SIZES = {"cuda": (4096, 32001, (64, 4096), 10), "cpu": (64, 1102, (4, 1500), 0)}
+HEAD_DIM = {"cuda": 768, "cpu": 16}  # the head's input width in the fused head+loss checks
 
 
 @contextlib.contextmanager
@@ -68,12 +68,13 @@ def _compare(name: str, fn: Callable, tolerances: dict[str, float], device, repe
 
 
 def check_kernels(runtime: Runtime) -> list[Check]:
-    """Every Triton kernel against its twin: the cross-entropy and Duo losses forward and
-    backward in float32 and bf16 logits, and the noising of MDLM, Duo and GIDD. A broken kernel is
-    off by O(1); the tolerances leave room for float32 in another summation order: values
-    1e-5 (the tests' bound against float64); float32 gradients 1e-3, as Duo's near t = 1e-3 is
-    a difference of terms near r p >> 1 (each backend is within 1e-4 of float64 at V = 32001);
-    bf16 gradients 1e-2, each backend's float32 rounded to bf16 (one ulp is 2^-8)."""
+    """Every Triton kernel against its twin: the fused head with the cross-entropy and Duo
+    losses forward and backward in float32 and bf16, and the noising of MDLM, Duo and GIDD. A
+    broken kernel is off by O(1); the tolerances leave room for float32 in another summation
+    order: values 1e-5 (the tests' bound against float64); float32 gradients 1e-3, as Duo's
+    near t = 1e-3 is a difference of terms near r p >> 1 (each backend is within 1e-4 of
+    float64 at V = 32001); bf16 gradients 1e-2, each backend's float32 rounded to bf16 (one
+    ulp is 2^-8)."""
     device = runtime.device
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return [Check("kernels", SKIP, "CPU without TRITON_INTERPRET=1 (set it before starting)")]
@@ -82,11 +83,12 @@ def check_kernels(runtime: Runtime) -> list[Check]:
     g = torch.Generator(device=device).manual_seed(0)
     checks = []
     for dtype, grad_tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
-        logits = (torch.randn(tokens, v, generator=g, device=device) * 3).to(dtype)
+        hidden = torch.randn(8, tokens // 8, HEAD_DIM[device.type], generator=g, device=device)
         for name in ("cross-entropy", "duo"):
-            label = f"kernel {name} {str(dtype).removeprefix('torch.')}"
-            fn = _loss_and_grad(name, logits, vocab, g)
-            tolerances = {"loss err": 1e-5, "grad err": grad_tolerance}
+            label = f"kernel head+{name} {str(dtype).removeprefix('torch.')}"
+            fn = _loss_and_grad(name, hidden.to(dtype), vocab, g)
+            tolerances = {"loss err": 1e-5, "hidden grad err": grad_tolerance}
+            tolerances["weight grad err"] = grad_tolerance
             checks.append(attempt(label, partial(_compare, label, fn, tolerances, device, repeats)))
     for name, objective in (("mdlm", MDLM()), ("duo", Duo()), ("gidd", GIDD(p_uniform=0.3))):
         x0 = _real_ids(vocab, noise_shape, g)
@@ -102,26 +104,26 @@ def _real_ids(vocab: Vocab, shape, g: torch.Generator) -> Tensor:
     return vocab.real_ids[torch.randint(vocab.num_real, shape, generator=g, device=g.device)]
 
 
-def _loss_and_grad(name: str, logits: Tensor, vocab: Vocab, g: torch.Generator) -> Callable:
-    """Inputs drawn once (Duo: t from 1e-3 to 1, xt == x0 for half the tokens); each call:
-    the per-token values and the logits gradient under random upstream weights.
-    logits [N, V] -> cross-entropy ([N] f32, [N, V]); Duo (D, x̂[x0], x̂[xt]) ([3N] f64, [N, V])"""
-    n, device = logits.shape[0], g.device
-    x0, others = _real_ids(vocab, (n,), g), _real_ids(vocab, (n,), g)
-    xt = torch.where(torch.rand(n, generator=g, device=device) < 0.5, others, x0)
-    a = alpha(torch.rand(n, generator=g, device=device, dtype=torch.float64) * 0.998 + 1e-3)
-    weights = torch.rand(3 * n, generator=g, device=device, dtype=torch.float64)
+def _loss_and_grad(name: str, hidden: Tensor, vocab: Vocab, g: torch.Generator) -> Callable:
+    """A head drawn once (hidden [8, l, d] in its dtype, weight [V, d], bias [V]) with labels
+    (t from 1e-3 to 1, xt == x0 for half the tokens); each call: the fused head+loss's
+    per-token losses and the gradients of the training loss (the token mean) with respect to
+    the hidden states and the weight. `name`: "cross-entropy" (AR) or "duo"."""
+    device, (rows, length, d) = g.device, hidden.shape
+    objective = AR() if name == "cross-entropy" else Duo()
+    weight = torch.randn(vocab.size, d, generator=g, device=device) / d**0.5
+    bias = torch.randn(vocab.size, generator=g, device=device)
+    x0, others = _real_ids(vocab, (rows, length), g), _real_ids(vocab, (rows, length), g)
+    xt = torch.where(torch.rand(rows, length, generator=g, device=device) < 0.5, others, x0)
+    t = torch.rand(rows, generator=g, device=device) * 0.998 + 1e-3
+    labels = (x0, x0 if name == "cross-entropy" else xt, t)
 
-    def values_of(x: Tensor) -> Tensor:
-        if name == "cross-entropy":
-            return cross_entropy(x, vocab.real, x0, all_rows(x))
-        return torch.cat(duo_statistics(x, vocab.real, x0, xt, vocab.num_real * a / (1 - a)))
-
-    def call() -> tuple[Tensor, Tensor]:
-        x = logits.detach().requires_grad_()
-        values = values_of(x)
-        (values * weights[: len(values)]).sum().backward()
-        return values.detach(), x.grad
+    def call() -> tuple[Tensor, Tensor, Tensor]:
+        leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias)]
+        head = HeadInput(*leaves, None)
+        losses = objective.per_token_loss(head, *labels, vocab)
+        objective.train_loss(head, *labels, vocab).backward()
+        return losses, leaves[0].grad, leaves[1].grad
 
     return call
 

@@ -1,7 +1,8 @@
 """The DDiT backbone (docs/algorithms.md §5) from megatron-core tensor-parallel layers.
 
 Shapes: tokens [B, L]; hidden [L, B, d] (megatron's sequence-first layout); cond [B, c];
-logits [B, L, V/tp], split over the vocabulary and never gathered. Every module takes its
+the last stage gives the head's input (HeadInput), whose logits [B, L, V/tp] are split over
+the vocabulary and computed by the losses only where they read them. Every module takes its
 tensor-parallel group explicitly and has no tp-specific branch. Parameters are a function of
 (init_seed, layer index) alone: each layer draws its initial values from its own generator,
 and megatron's CPU initialisation builds the full weight before slicing it, so any layout
@@ -31,6 +32,7 @@ from dlm_pretrain.parallel.attention import (
 )
 from dlm_pretrain.parallel.config import TIME_FEATURES, AttentionSpec, ModelConfig
 from dlm_pretrain.parallel.groups import ProcessGroups
+from dlm_pretrain.parallel.head import HeadInput
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import Tensor, nn
@@ -265,8 +267,8 @@ class DiTBlock(nn.Module):
 class OutputStage(nn.Module):
     """Final adaLN LayerNorm and the untied, zero-initialised head (docs/algorithms.md §5.4).
 
-    (hidden [L, B, d] f32, cond [B, c] f32, *positions) -> logits [B, L, V/tp] in the compute
-    dtype; with sorted attention's sequential rows, B excludes their x-half columns.
+    (hidden [L, B, d] f32, cond [B, c] f32, *positions) -> HeadInput; with sorted attention's
+    sequential rows, B excludes their x-half columns.
     """
 
     def __init__(
@@ -282,7 +284,7 @@ class OutputStage(nn.Module):
         self.modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size)
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
-        self.head = ColumnParallelLinear(
+        self.head = ColumnParallelLinear(  # the parameters' container: the losses apply it
             cfg.hidden_size,
             cfg.vocab_size,
             config=_megatron_config(tp_group),
@@ -293,25 +295,25 @@ class OutputStage(nn.Module):
         )
         self.tp_group = tp_group
 
-    def forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
+    def forward(self, inputs: tuple[Tensor, ...]) -> HeadInput:
         x, cond, *positions = inputs
         _, pos_s = split_positions(self.attention_spec, positions)
         if pos_s is not None:  # the x-half columns were context for the z-halves, never scored
             scored = x.shape[1] - pos_s.shape[0]
             x, cond = x[:, :scored], cond[:scored]
-        return self.logits(x, cond)
+        return self.head_input(x, cond)
 
-    def logits(self, x: Tensor, cond: Tensor) -> Tensor:
-        """Every column's logits. x [l, B, d] f32, cond [B, c] -> [B, l, V/tp]"""
+    def head_input(self, x: Tensor, cond: Tensor) -> HeadInput:
+        """x [l, B, d] f32, cond [B, c] -> the head's input [B, l, d] in the compute dtype."""
         shift, scale = self.modulation(cond).chunk(2, dim=-1)
-        with _autocast(x, self.compute_dtype):
-            logits, _ = self.head(_modulate(self.norm(x), shift, scale))
-        return logits.transpose(0, 1)  # [B, l, V/tp]
+        hidden = _modulate(self.norm(x), shift, scale).to(self.compute_dtype).transpose(0, 1)
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
+        return HeadInput(hidden, self.head.weight, self.head.bias, self.tp_group)
 
     @torch.no_grad()
     def full_logits(self, x: Tensor, cond: Tensor) -> Tensor:
         """The logits gathered over the tensor group, [B, l, V]: for sampling, never training."""
-        logits = self.logits(x, cond).contiguous()
+        logits = self.head_input(x, cond).logits().contiguous()
         if self.tp_group.size() == 1:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp_group.size())]

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from dlm_pretrain.parallel.config import ModelConfig
 from dlm_pretrain.parallel.groups import ProcessGroups
+from dlm_pretrain.parallel.head import HeadInput
 from torch import Tensor
 from torch.nn import Module
 
@@ -24,10 +25,10 @@ def _neighbour(groups: ProcessGroups, offset: int) -> int:
 @torch.no_grad()
 def forward_through_stages(
     module: Module, inputs: tuple[Tensor, ...], cfg: ModelConfig, groups: ProcessGroups
-) -> Tensor | None:
+) -> HeadInput | None:
     """inputs (tokens [B, L], s [B], *positions int64) are used on the first stage; every
-    other stage shapes its receive buffers from them. Returns this rank's logits shard
-    [B', L, V/tp] on the last stage, else None."""
+    other stage shapes its receive buffers from them. Returns the head's input on the last
+    stage (its vocabulary shard of the head), else None."""
     out = inputs if groups.pp_rank == 0 else _received(module, inputs, cfg, groups)
     for layer in module.forward_funcs:
         out = layer(out)

@@ -2,7 +2,8 @@
 
 Two conventions:
 - "exact": the forward FLOPs actually spent per sequence: the weight matmuls, the attention
-  matmuls (QKᵀ and AV; half of them for causal attention), the output head and the loss.
+  matmuls (QKᵀ and AV; half of them for causal attention), and the output head and the loss
+  on the rows the loss reads (all but AR's last; MDLM's masked ones, half on average).
 - "reference": the paper's figure (docs/algorithms.md §6.2): its measured per-size table where
   the run is the paper's shape (a size of the table, V = 32001, L = 2048), else its formula
   2 (12 n d² + d V) L: weight matmuls and the head, attention omitted, the same for every
@@ -55,11 +56,6 @@ REFERENCE_FORWARD_FLOPS = {
 }
 
 
-def matmul_flops_per_token(cfg: ModelConfig) -> int:
-    """Weight-matmul FLOPs per token: 24 d² per block (qkv 6, out 2, MLP 16) and the head 2 d V."""
-    return 24 * cfg.n_layers * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.vocab_size
-
-
 def attention_flops_per_sequence(cfg: ModelConfig, seq_len: int, causal: bool) -> int:
     """QKᵀ and AV: 4 L² d per block; a causal model needs half of the score matrix."""
     full = 4 * seq_len**2 * cfg.hidden_size * cfg.n_layers
@@ -79,11 +75,13 @@ def forward_flops_per_sequence(
     convention: str = "exact",
     size: str = "",
     sequential_share: float = 0.0,
+    scored_share: float | None = None,
 ) -> int:
     """Forward FLOPs of one sequence of `seq_len` tokens under the given convention; `size`, the
     preset's name, picks the paper's measured figure where the run has the paper's shape;
     `sequential_share`, Eso-LM's share of rows in the sequential branch (their blocks run 2L
-    tokens, counted under `exact` only)."""
+    tokens), and `scored_share`, the expected share of positions the head and the loss run on
+    (Objective.scored_share; None: the objective's defaults'), both under `exact` only."""
     if convention == "reference":
         paper_shape = (cfg.vocab_size, seq_len) == (REFERENCE_VOCAB, REFERENCE_SEQ_LEN)
         if paper_shape and size in REFERENCE_FORWARD_FLOPS:
@@ -93,15 +91,17 @@ def forward_flops_per_sequence(
     if convention != "exact":
         raise ValueError(f"unknown FLOPs convention {convention!r}; use one of {CONVENTIONS}")
     spec = OBJECTIVES[objective]  # its class: causality and the loss's FLOPs per entry
-    loss = spec.loss_flops_per_vocab_entry * cfg.vocab_size * seq_len
+    if scored_share is None:
+        scored_share = spec().scored_share(seq_len)
+    scored = scored_share * seq_len  # the head's and the loss's rows (pretrain.kernels.losses)
+    head = (2 * cfg.hidden_size + spec.loss_flops_per_vocab_entry) * cfg.vocab_size * scored
     causal = attention_flops_per_sequence(cfg, seq_len, spec.causal)
-    one_pass = (
-        matmul_flops_per_token(cfg) * seq_len + causal + conditioning_flops_per_sequence(cfg) + loss
-    )
+    blocks = 24 * cfg.n_layers * cfg.hidden_size**2 * seq_len
+    one_pass = blocks + head + causal + conditioning_flops_per_sequence(cfg)
     # [z_0 ; x]: the x-half adds its blocks (not the head) and its conditioning; the scores
     # needed grow from one causal L x L to two half matrices (x causal, z over x's earlier
     # slots and itself)
-    x_half = 24 * cfg.n_layers * cfg.hidden_size**2 * seq_len + conditioning_flops_per_sequence(cfg)
+    x_half = blocks + conditioning_flops_per_sequence(cfg)
     pair = one_pass + x_half + attention_flops_per_sequence(cfg, seq_len, causal=False) - causal
     return round((1 - sequential_share) * one_pass + sequential_share * pair)
 
@@ -113,9 +113,10 @@ def training_flops_per_sequence(
     convention: str = "exact",
     size: str = "",
     sequential_share: float = 0.0,
+    scored_share: float | None = None,
 ) -> int:
     return 3 * forward_flops_per_sequence(
-        cfg, objective, seq_len, convention, size, sequential_share
+        cfg, objective, seq_len, convention, size, sequential_share, scored_share
     )
 
 

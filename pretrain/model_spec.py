@@ -54,13 +54,15 @@ def flops_per_sequence(cfg: RunConfig, manifest: Manifest) -> int:
     model = ModelConfig.preset(
         cfg.model.size, vocab_size=manifest.tokenizer["vocab_size"], seq_len=manifest.seq_len
     )
+    objective = build_objective(cfg.objective)
     return training_flops_per_sequence(
         model,
         cfg.objective.name,
         manifest.seq_len,
         cfg.train.flops_convention,
         cfg.model.size,
-        build_objective(cfg.objective).sequential_share,
+        objective.sequential_share,
+        objective.scored_share(manifest.seq_len),
     )
 
 

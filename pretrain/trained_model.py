@@ -16,6 +16,7 @@ from dlm_pretrain.data_pipeline import Tokenizer
 from dlm_pretrain.data_pipeline.manifest import TOKENIZER_FILE, Manifest, load_manifest
 from dlm_pretrain.parallel.config import ModelConfig, ParallelConfig
 from dlm_pretrain.parallel.groups import Runtime, init_process_groups
+from dlm_pretrain.parallel.head import HeadInput
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.pretrain import checkpoint
 from dlm_pretrain.pretrain.config import CONFIG_FILE, RunConfig, SamplingConfig, load_config
@@ -86,9 +87,9 @@ def load_trained_model(
 
 
 @torch.no_grad()
-def forward(model: TrainedModel, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Logits [B', L, V] of a batch that Objective.batch built (one process: the whole
-    vocabulary)."""
+def forward(model: TrainedModel, inputs: tuple[torch.Tensor, ...]) -> HeadInput:
+    """The head's input for a batch that Objective.batch built (one process: the whole
+    vocabulary; `.logits()` gives [B', L, V])."""
     out = inputs
     for layer in model.layers:
         out = layer(out)

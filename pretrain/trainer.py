@@ -20,6 +20,7 @@ from dlm_pretrain.data_pipeline import Tokenizer, TrainLoader, open_dataset, val
 from dlm_pretrain.data_pipeline.manifest import MANIFEST_FILE, TOKENIZER_FILE, Manifest
 from dlm_pretrain.parallel.config import ModelConfig
 from dlm_pretrain.parallel.groups import ProcessGroups, Runtime, init_process_groups
+from dlm_pretrain.parallel.head import HeadInput
 from dlm_pretrain.parallel.model import build_pipeline
 from dlm_pretrain.parallel.stages import forward_through_stages
 from dlm_pretrain.pretrain import checkpoint
@@ -58,11 +59,11 @@ class DivergenceError(DlmError):
 DROPOUT_SEED_STRIDE = 100  # dropout seed = init_seed + 100 x pipeline stage (megatron's offset)
 
 
-def _train_loss(objective: Objective, vocab: Vocab, tp_group, logits, labels) -> torch.Tensor:
-    """Token mean of the per-token loss over the micro-batch (docs/algorithms.md §4.0), on the last
-    stage, from this rank's vocabulary shard of the logits."""
+def _train_loss(objective: Objective, vocab: Vocab, head: HeadInput, labels) -> torch.Tensor:
+    """Token mean of the per-token loss over the micro-batch (docs/algorithms.md §4.0), on the
+    last stage, from the head's input and this rank's vocabulary shard of the head."""
     x0, xt, t = labels
-    return objective.per_token_loss(logits, x0, xt, t, vocab, tp_group).mean()
+    return objective.train_loss(head, x0, xt, t, vocab)
 
 
 def _noised_micro_batches(
@@ -124,9 +125,9 @@ def validate(
         ids = batch.sample_ids
         t = sample_t(objective.seed, step, ids % g, g, objective.t_max)
         inputs, labels = objective.batch(batch.tokens, t, ids, vocab)
-        logits = forward_through_stages(module, inputs, model_cfg, groups)
-        if logits is not None:  # the last stage
-            losses = objective.validation_loss(logits, *labels, vocab, groups.tp_group)
+        head = forward_through_stages(module, inputs, model_cfg, groups)
+        if head is not None:  # the last stage
+            losses = objective.validation_loss(head, *labels, vocab)
             total[0] += losses.double().sum()
             total[1] += losses.numel()
     module.train()
@@ -251,7 +252,7 @@ def _setup(cfg: RunConfig, runtime: Runtime | None = None) -> tuple[_Run, checkp
     # Dropout only (parameters and noise are keyed): the same stream on every tensor rank, as
     # dropout acts on activations replicated over the tensor group; its own on each stage.
     torch.manual_seed(cfg.model.init_seed + DROPOUT_SEED_STRIDE * groups.pp_rank)
-    loss_fn = partial(_train_loss, objective, vocab, groups.tp_group)
+    loss_fn = partial(_train_loss, objective, vocab)
     model = build_pipeline(
         model_cfg,
         groups,

@@ -78,7 +78,7 @@ def test_run_judge_scores_its_own_samples_as_a_float64_forward_does(runs):
     for row in generated.tokens.tolist():
         for i in range(0, len(row), step):
             x = torch.tensor([[eos, *row[i : i + step]]])
-            logits = forward(model, (x, torch.zeros(1))).double()
+            logits = forward(model, (x, torch.zeros(1))).logits().double()
             logp = logits.masked_fill(~model.vocab.real, -math.inf).log_softmax(-1)[0, :-1]
             reference -= logp.gather(-1, x[0, 1:, None]).sum().item()
     assert count == generated.tokens.numel()

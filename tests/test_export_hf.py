@@ -113,6 +113,7 @@ def _reference(run_dir: Path, inputs: Path, seed: int, samplings: list[dict]) ->
         logits = (tokens, objective.time_input(t))
         for layer in layers:
             logits = layer(logits)
+        logits = logits.logits()
     torch.save(hf_inputs, inputs)
     reference = {"logits": logits[..., : tokenizer.vocab_size], "samples": []}
     for settings in samplings:

@@ -20,6 +20,7 @@ from dlm_pretrain.pretrain.flops import (
 )
 from dlm_pretrain.pretrain.model_spec import model_spec, total_steps
 from dlm_pretrain.pretrain.objectives import OBJECTIVES, EsoLM
+from dlm_pretrain.pretrain.objectives.schedule import EPS
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,9 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 @pytest.mark.parametrize("objective", ["ar", "mdlm", "duo", "gidd", "esolm"])
 def test_analytic_forward_flops_match_the_flop_counter(objective):
-    """Within 2%: the counter sees matmuls only (not the loss's elementwise work), and the math
-    attention kernel it can count computes the full score matrix even when causal, so the
-    causal saving is added back before comparing."""
+    """Within 2%: the counter sees matmuls only (not the loss's elementwise work; the head's
+    on the rows the loss reads, about half of them for MDLM), and the math attention kernel
+    it can count computes the full score matrix even when causal, so the causal saving is
+    added back before comparing."""
     groups = init_process_groups(ParallelConfig(), Runtime.detect())
     cfg = ModelConfig.preset("cpu-small", vocab_size=2048, seq_len=256)
     spec = OBJECTIVES[objective]()
@@ -62,7 +64,9 @@ def test_eso_lm_sequential_rows_count_their_doubled_sequence():
     inputs, labels = esolm.batch(x0, torch.tensor([0.5, 0.5]), torch.tensor([0, 1]), vocab)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         esolm.per_token_loss(model(inputs), *labels, vocab).mean()
-    per_sequence = forward_flops_per_sequence(cfg, "esolm", cfg.seq_len, sequential_share=0.5)
+    per_sequence = forward_flops_per_sequence(
+        cfg, "esolm", cfg.seq_len, sequential_share=0.5, scored_share=esolm.scored_share(256)
+    )
     half = attention_flops_per_sequence(cfg, cfg.seq_len, causal=True)
     analytic = 2 * per_sequence + half * (1 + 1 + 3)
     assert abs(analytic - counter.get_total_flops()) / analytic < 0.02
@@ -104,14 +108,28 @@ def test_reference_convention_falls_back_to_the_formula_off_the_paper_shape():
 
 def test_exact_convention_counts_attention_and_the_causal_saving():
     cfg = ModelConfig.preset("19M", vocab_size=32001, seq_len=2048)
-    ar = forward_flops_per_sequence(cfg, "ar", 2048)
-    mdlm = forward_flops_per_sequence(cfg, "mdlm", 2048)
+    ar = forward_flops_per_sequence(cfg, "ar", 2048, scored_share=1.0)
+    mdlm = forward_flops_per_sequence(cfg, "mdlm", 2048, scored_share=1.0)
     reference = forward_flops_per_sequence(cfg, "mdlm", 2048, "reference")
     assert mdlm - ar == attention_flops_per_sequence(cfg, 2048, causal=False) // 2
     # docs/algorithms.md §5.7: attention adds 47% to the reference figure at 19M, L = 2048
     attention = attention_flops_per_sequence(cfg, 2048, causal=False)
     assert attention / reference == pytest.approx(0.47, abs=0.01)
     assert reference < mdlm
+
+
+def test_exact_convention_counts_the_head_on_the_rows_the_loss_reads():
+    """The head (2dV) and the loss (k V) per scored row: MDLM about half of its rows (the
+    expected masked share), AR all but its last, Duo every one."""
+    cfg = ModelConfig.preset("19M", vocab_size=32001, seq_len=2048)
+    for name, share in (("mdlm", (1 - EPS) * (1 + EPS) / 2), ("ar", 2047 / 2048), ("duo", 1.0)):
+        full = forward_flops_per_sequence(cfg, name, 2048, scored_share=1.0)
+        counted = forward_flops_per_sequence(cfg, name, 2048)
+        loss_k = OBJECTIVES[name].loss_flops_per_vocab_entry
+        per_row = (2 * cfg.hidden_size + loss_k) * cfg.vocab_size
+        assert full - counted == pytest.approx(per_row * 2048 * (1 - share), abs=1), name
+    esolm = EsoLM(alpha_0=0.5, batch_split=0.5)
+    assert esolm.scored_share(2048) == pytest.approx(0.5 * (1 - 0.5 * 0.5) + 0.5 * 0.5, abs=1e-6)
 
 
 @pytest.mark.parametrize("convention", ["exact", "reference"])

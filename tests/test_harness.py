@@ -112,7 +112,7 @@ def _exact_elbo(model, x0: torch.Tensor, m: int) -> float:
     for row, s in enumerate(patterns):
         xt[row, list(s)] = model.vocab.mask_id
     inputs = (xt, torch.zeros(len(patterns)))  # MDLM is not time-conditioned (s = 0)
-    logits = forward(model, inputs).double().masked_fill(~model.vocab.real, float("-inf"))
+    logits = forward(model, inputs).logits().double().masked_fill(~model.vocab.real, float("-inf"))
     ce = -logits.log_softmax(-1).gather(-1, x0.expand_as(xt).unsqueeze(-1)).squeeze(-1)
 
     def weight(k: int) -> float:
@@ -149,7 +149,7 @@ def _ar_reference(model, tokens: list[int], m: int) -> tuple[float, bool]:
     """log p of the last m tokens given the others, in float64 from the model's logits over
     the real ids, and whether each is its position's argmax."""
     x0 = torch.tensor([tokens])
-    logits = forward(model, (x0, torch.zeros(1)))[0, :-1].double()
+    logits = forward(model, (x0, torch.zeros(1))).logits()[0, :-1].double()
     logp = logits.masked_fill(~model.vocab.real, float("-inf")).log_softmax(-1)
     targets = x0[0, 1:]
     rows = torch.arange(len(tokens) - m - 1, len(tokens) - 1)

@@ -59,7 +59,7 @@ def test_initial_model_predicts_uniform_and_blocks_are_identity(groups):
     cfg, model = _model(groups)
     tokens = torch.randint(cfg.vocab_size, (3, cfg.seq_len))
     s = torch.rand(3)
-    logits = model((tokens, s))
+    logits = model((tokens, s)).logits()
     assert logits.shape == (3, cfg.seq_len, cfg.vocab_size)
     assert torch.all(logits == 0), "zero-initialised head gives uniform predictions"
     hidden, cond = model.forward_funcs[0]((tokens, s))
@@ -84,7 +84,7 @@ def test_attention_pattern(groups, kind):
     changed = tokens.clone()
     changed[:, 20] = (changed[:, 20] + 1) % cfg.vocab_size
     s = torch.rand(2)
-    diff = (model((tokens, s)) - model((changed, s))).abs().amax(dim=(0, 2))
+    diff = (model((tokens, s)).logits() - model((changed, s)).logits()).abs().amax(dim=(0, 2))
     assert diff[20] > 0 and diff[21:].max() > 0
     if kind == "causal":
         assert torch.all(diff[:20] == 0), "a causal model saw a later token"
@@ -96,7 +96,9 @@ def test_time_conditioning_changes_the_output(groups):
     cfg, model = _model(groups)
     _randomise(model, 2)
     tokens = torch.randint(cfg.vocab_size, (2, cfg.seq_len))
-    assert not torch.allclose(model((tokens, torch.zeros(2))), model((tokens, torch.ones(2))))
+    assert not torch.allclose(
+        model((tokens, torch.zeros(2))).logits(), model((tokens, torch.ones(2))).logits()
+    )
 
 
 def test_initialisation_is_a_function_of_the_seed(groups):
@@ -129,8 +131,8 @@ def test_bf16_autocast_keeps_float32_parameters_residual_and_gradients(groups):
     for block in blocks:
         activations = block(activations)
         assert [a.dtype for a in activations] == [torch.float32, torch.float32]
-    low = last(activations)
-    high = exact((tokens, s))
+    low = last(activations).logits()
+    high = exact((tokens, s)).logits()
     assert low.dtype == torch.bfloat16 and high.dtype == torch.float32
     assert (low.float() - high).abs().max() < 0.05 * high.abs().max()
     weights = torch.randn(high.shape)  # a loss that reaches every logit
@@ -149,7 +151,7 @@ def test_kv_cached_decoding_equals_the_full_causal_forward(groups):
     _randomise(model, 4)
     tokens = torch.randint(cfg.vocab_size, (2, 12))
     s = torch.zeros(2)
-    full = model((tokens, s))
+    full = model((tokens, s)).logits()
     first, *blocks, last = model.forward_funcs
     caches = [KVCache() for _ in blocks]
     steps = []
@@ -157,7 +159,7 @@ def test_kv_cached_decoding_equals_the_full_causal_forward(groups):
         hidden, cond = first((chunk, s))
         for block, cache in zip(blocks, caches, strict=True):
             hidden = block.step(hidden, cond, cache)
-        steps.append(last((hidden, cond)))
+        steps.append(last((hidden, cond)).logits())
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 

@@ -18,7 +18,9 @@ import math
 import pytest
 import reference_losses as ref
 import torch
+import torch.distributed as dist
 from dlm_pretrain.common.errors import ConfigError
+from dlm_pretrain.parallel.head import HeadInput
 from dlm_pretrain.pretrain.objectives import (
     AR,
     GIDD,
@@ -69,8 +71,7 @@ def noised_inputs(case: str, seed: int, vocab: Vocab, shape=(B, L), dtype=torch.
         xt = x0
     t = torch.cat([torch.tensor([1.2e-3, 0.9995]), torch.rand(shape[0] - 2, generator=g)])
     t = t.clamp(EPS, 0.9995)
-    weights = torch.rand(shape, generator=g) + 0.5  # upstream gradient of each token
-    return logits, x0, xt, t, weights
+    return logits, x0, xt, t
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -82,18 +83,28 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).abs().amax(-1)[scale > 0] / scale[scale > 0]).max().item()
 
 
-def loss_and_grad(loss_fn, logits, x0, xt, t, weights, vocab, tp_group=None):
-    """Per-token losses and d(sum of weights * loss)/d logits."""
-    logits = logits.clone().requires_grad_()
-    loss = loss_fn(logits, x0, xt, t, vocab, tp_group)
-    (loss * weights[:, : loss.shape[1]]).sum().backward()
-    return loss.detach(), logits.grad
+def logits_head(logits, group=None) -> HeadInput:
+    """A head whose logits are `logits` [B, L, V] exactly: hidden = the logits (a leaf), and
+    this rank's rows of the identity (with a zero bias) as the head, so the gradient with
+    respect to the hidden is the one with respect to the logits (summed over the ranks)."""
+    width = logits.shape[-1] // (1 if group is None else group.size())
+    start = 0 if group is None else dist.get_rank(group) * width
+    eye = torch.eye(logits.shape[-1])[start : start + width]
+    return HeadInput(logits.clone().requires_grad_(), eye, torch.zeros(width), group)
 
 
-def reference_loss_and_grad(reference, logits, x0, xt, t, weights, vocab):
+def loss_and_grad(objective, logits, x0, xt, t, vocab, group=None):
+    """Per-token losses and d(token mean of the loss)/d logits (the training loss)."""
+    head = logits_head(logits, group)
+    loss = objective.per_token_loss(head, x0, xt, t, vocab)
+    objective.train_loss(head, x0, xt, t, vocab).backward()
+    return loss, head.hidden.grad
+
+
+def reference_loss_and_grad(reference, logits, x0, xt, t, vocab):
     logits = logits.double().requires_grad_()
     loss = reference(logits, x0, xt, t, vocab)
-    (loss * weights[:, : loss.shape[1]].double()).sum().backward()
+    loss.mean().backward()
     return loss.detach(), logits.grad
 
 
@@ -107,7 +118,7 @@ def test_every_objective_has_reference_cases():
 def test_training_loss_and_gradient_match_the_float64_reference(case, seed):
     objective = CASES[case]
     inputs = noised_inputs(case, seed, VOCAB)
-    loss, grad = loss_and_grad(objective.per_token_loss, *inputs, VOCAB)
+    loss, grad = loss_and_grad(objective, *inputs, VOCAB)
     expected, expected_grad = reference_loss_and_grad(ref.TRAINING[case], *inputs, VOCAB)
     assert loss.dtype == torch.float32 and loss.shape == expected.shape
     assert relative_error(loss.unsqueeze(-1), expected.unsqueeze(-1)) < 1e-5
@@ -118,8 +129,8 @@ def test_training_loss_and_gradient_match_the_float64_reference(case, seed):
 @pytest.mark.parametrize("case", list(CASES))
 def test_validation_loss_is_the_bound_whatever_the_training_loss(case):
     """MDLM trained with cross_entropy still validates on the ELBO (docs/pitfalls.md P18)."""
-    logits, x0, xt, t, _ = noised_inputs(case, 2, VOCAB)
-    got = CASES[case].validation_loss(logits, x0, xt, t, VOCAB)
+    logits, x0, xt, t = noised_inputs(case, 2, VOCAB)
+    got = CASES[case].validation_loss(logits_head(logits), x0, xt, t, VOCAB)
     expected = ref.VALIDATION[case](logits, x0, xt, t, VOCAB)
     assert relative_error(got.unsqueeze(-1), expected.unsqueeze(-1)) < 1e-5
 
@@ -127,7 +138,7 @@ def test_validation_loss_is_the_bound_whatever_the_training_loss(case):
 def test_duo_reference_forms_agree():
     """The two float64 references of docs/algorithms.md §4.3 agree, so either can stand for the
     formula."""
-    logits, x0, xt, t, _ = noised_inputs("duo", 3, VOCAB)
+    logits, x0, xt, t = noised_inputs("duo", 3, VOCAB)
     compact, expanded = (
         ref.duo_compact(logits, x0, xt, t, VOCAB),
         ref.duo_expanded(logits, x0, xt, t, VOCAB),
@@ -136,16 +147,16 @@ def test_duo_reference_forms_agree():
 
 
 def test_duo_loss_is_zero_for_a_perfect_clean_prediction():
-    _, x0, _, t, _ = noised_inputs("duo", 7, VOCAB)
+    _, x0, _, t = noised_inputs("duo", 7, VOCAB)
     perfect = torch.full((B, L, V), -30.0).scatter(-1, x0[..., None], 30.0)
-    assert Duo().per_token_loss(perfect, x0, x0, t, VOCAB).abs().max() < 1e-6
+    assert Duo().per_token_loss(logits_head(perfect), x0, x0, t, VOCAB).abs().max() < 1e-6
 
 
 def test_duo_stays_accurate_at_small_t_with_a_large_vocabulary():
     """docs/pitfalls.md P13: the compact form in float32 loses the loss to cancellation at small
     t and large K; the rewritten form keeps 1e-5 relative accuracy."""
     vocab = Vocab.build(4096, mask_id=4, never_in_data=(3,))
-    logits, x0, _, _, _ = noised_inputs("duo", 11, vocab, shape=(2, 8))
+    logits, x0, _, _ = noised_inputs("duo", 11, vocab, shape=(2, 8))
     xt = vocab.real_ids[torch.randint(vocab.num_real, (2, 8), generator=torch.Generator())]
     t = torch.tensor([1e-3, 2e-3])
     expected = ref.duo_compact(logits, x0, xt, t, vocab)
@@ -160,7 +171,7 @@ def test_duo_stays_accurate_at_small_t_with_a_large_vocabulary():
     s = (bar / bar_z * torch.log(bar_theta_z * bar / (bar_theta * bar_z))).sum(-1, keepdim=True)
     float32 = (-(1 - EPS) / (k * a) * (k / bar_z - k / bar_theta_z - s)).squeeze(-1)
     naive = ((float32.double() - expected).abs() / expected.abs()).max().item()
-    loss = Duo().per_token_loss(logits, x0, xt, t, vocab)
+    loss = Duo().per_token_loss(logits_head(logits), x0, xt, t, vocab)
     ours = ((loss.double() - expected).abs() / expected.abs()).max().item()
     assert ours < 1e-5 < naive
 
@@ -181,16 +192,20 @@ def test_gidd_approaches_the_masked_elbo_as_the_uniform_share_vanishes():
     ELBO (1/t) CE up to b_t / (alpha_t x̂_x) (1e-5 here, where t = 0.9995 meets an x̂_x of
     1e-5), and a clean token's loss falls with B (~1000x from p_u 1e-5 to 1e-8). r = alpha_t /
     b_t reaches 1e13 there, and the loss still holds the float64 reference to 1e-6."""
-    logits, x0, xt, t, _ = noised_inputs("gidd-elbo", 8, VOCAB)
+    logits, x0, xt, t = noised_inputs("gidd-elbo", 8, VOCAB)
     masked = xt == VOCAB.mask_id
-    gidd = GIDD(p_uniform=0.0, loss_weighting="elbo").per_token_loss(logits, x0, xt, t, VOCAB)
-    mdlm = MDLM(loss_type="elbo").per_token_loss(logits, x0, xt, t, VOCAB)
+    gidd = GIDD(p_uniform=0.0, loss_weighting="elbo").per_token_loss(
+        logits_head(logits), x0, xt, t, VOCAB
+    )
+    mdlm = MDLM(loss_type="elbo").per_token_loss(logits_head(logits), x0, xt, t, VOCAB)
     assert relative_error(gidd[masked][:, None], mdlm[masked][:, None]) < 1e-4
     expected = ref.gidd(0.0, 1.0, "elbo")(logits, x0, xt, t, VOCAB)
     assert relative_error(gidd.unsqueeze(-1), expected.unsqueeze(-1)) < 1e-6
     clean = (xt == x0) & (t[:, None] < 0.9)  # near t = 1, r x̂_x >> 1 needs a smaller p_u
     small, smaller = (
-        GIDD(p_uniform=p, loss_weighting="elbo").per_token_loss(logits, x0, xt, t, VOCAB)[clean]
+        GIDD(p_uniform=p, loss_weighting="elbo").per_token_loss(
+            logits_head(logits), x0, xt, t, VOCAB
+        )[clean]
         for p in (1e-5, 1e-8)
     )
     assert clean.any() and (smaller < small / 500).all()
@@ -215,10 +230,10 @@ def test_gidd_mixing_is_a_distribution_with_the_chosen_uniform_share():
 
 
 def test_gidd_loss_is_zero_for_a_perfect_clean_prediction():
-    _, x0, _, t, _ = noised_inputs("gidd-elbo", 7, VOCAB)
+    _, x0, _, t = noised_inputs("gidd-elbo", 7, VOCAB)
     perfect = torch.full((B, L, V), -30.0).scatter(-1, x0[..., None], 30.0)
     for weighting in ("elbo", "dynamic"):
-        loss = GIDD(loss_weighting=weighting).per_token_loss(perfect, x0, x0, t, VOCAB)
+        loss = GIDD(loss_weighting=weighting).per_token_loss(logits_head(perfect), x0, x0, t, VOCAB)
         assert loss.abs().max() < 1e-6
 
 
@@ -253,7 +268,7 @@ def test_eso_lm_batch_is_mdlm_noise_sorted_clean_first():
     """alpha_0 = 1: the inputs are MDLM's xt on the same draws, each row permuted so that its
     clean tokens come first; targets and positions follow the same permutation, so the
     per-token losses are MDLM's, permuted, and their sum is MDLM's."""
-    logits, x0, _, t, _ = noised_inputs("esolm-elbo", 9, VOCAB)
+    logits, x0, _, t = noised_inputs("esolm-elbo", 9, VOCAB)
     ids = torch.arange(B) + 100
     (xt, s, positions), (x0_sorted, xt_again, t_again) = EsoLM(seed=5).batch(x0, t, ids, VOCAB)
     natural = MDLM(seed=5).noise(x0, t, ids, VOCAB)
@@ -266,8 +281,10 @@ def test_eso_lm_batch_is_mdlm_noise_sorted_clean_first():
     assert torch.equal(masked, masked.long().sort(1).values.bool())  # clean, then masked
     sorted_logits = logits.gather(1, positions[..., None].expand_as(logits))
     for loss_type in LOSS_TYPES:
-        eso = EsoLM(loss_type=loss_type).per_token_loss(sorted_logits, x0_sorted, xt, t, VOCAB)
-        mdlm = MDLM(loss_type=loss_type).per_token_loss(logits, x0, natural, t, VOCAB)
+        eso = EsoLM(loss_type=loss_type).per_token_loss(
+            logits_head(sorted_logits), x0_sorted, xt, t, VOCAB
+        )
+        mdlm = MDLM(loss_type=loss_type).per_token_loss(logits_head(logits), x0, natural, t, VOCAB)
         assert torch.equal(eso, mdlm.gather(1, positions))
     other = EsoLM(seed=6).batch(x0, t, ids, VOCAB)[0][2]
     assert not torch.equal(other, positions)  # the order is drawn, not fixed
@@ -280,7 +297,7 @@ def test_eso_lm_both_branches_match_the_float64_reference(loss_type):
     [diffusion | z-halves | x-halves]; the losses and gradients equal the reference, whose
     token mean is the sum of the two branches' token means."""
     esolm = EsoLM(seed=3, loss_type=loss_type, alpha_0=0.5, batch_split=0.5)
-    _, x0, _, t, weights = noised_inputs("esolm-elbo", 10, VOCAB)
+    _, x0, _, t = noised_inputs("esolm-elbo", 10, VOCAB)
     inputs, (x0_sorted, xt, t_rows) = esolm.batch(x0, t, torch.arange(B), VOCAB)
     tokens, s, pos_d, pos_s = inputs
     assert s.shape == (B + B // 2,) and (s == 0).all()
@@ -293,8 +310,8 @@ def test_eso_lm_both_branches_match_the_float64_reference(loss_type):
     assert torch.equal(masked_positions.sort(1).values, masked_positions.cummax(1).values)
     assert 0.3 < z_masked.float().mean() < 0.7 and torch.equal(xt[half:], tokens[half:B])
     logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(4)) * 3
-    inputs = (logits, x0_sorted, xt, t_rows, weights)
-    loss, grad = loss_and_grad(esolm.per_token_loss, *inputs, VOCAB)
+    inputs = (logits, x0_sorted, xt, t_rows)
+    loss, grad = loss_and_grad(esolm, *inputs, VOCAB)
     expected, expected_grad = reference_loss_and_grad(ref.esolm(0.5, loss_type), *inputs, VOCAB)
     assert relative_error(loss.unsqueeze(-1), expected.unsqueeze(-1)) < 1e-5
     assert relative_error(grad, expected_grad) < 1e-5

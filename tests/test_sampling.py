@@ -226,7 +226,7 @@ def test_trained_model_samples_reproduce_the_pattern(objective):
         x0 = _batch(g, batch)
         t = sample_t(7, step, torch.arange(batch), batch, objective.t_max)
         inputs, labels = objective.batch(x0, t, torch.arange(batch) + step * batch, VOCAB)
-        loss = objective.per_token_loss(model(inputs), *labels, VOCAB).mean()
+        loss = objective.train_loss(model(inputs), *labels, VOCAB)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

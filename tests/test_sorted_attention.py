@@ -87,7 +87,7 @@ def _natural_forward(model, tokens, s, mask):
     hidden, cond = first((tokens, s))
     for block in blocks:
         hidden = block._block(hidden, cond, partial(_masked, mask=mask))
-    return last.logits(hidden, cond)
+    return last.head_input(hidden, cond).logits()
 
 
 def test_sorted_forward_equals_the_natural_order_under_the_rank_mask(groups):
@@ -97,7 +97,7 @@ def test_sorted_forward_equals_the_natural_order_under_the_rank_mask(groups):
     g = torch.Generator().manual_seed(0)
     x, s = torch.randint(V, (3, L), generator=g), torch.rand(3, generator=g)
     sigma = _permutations(g, 3)  # slot j holds position sigma[j]
-    logits = model((x.gather(1, sigma), s, sigma))
+    logits = model((x.gather(1, sigma), s, sigma)).logits()
     unsorted = torch.empty_like(logits).scatter_(1, sigma[..., None].expand_as(logits), logits)
     rank = sigma.argsort(dim=1)  # rank[p]: the slot of position p
     mask = rank[:, None, :] <= rank[:, :, None]
@@ -114,7 +114,7 @@ def test_identity_permutation_is_the_causal_model_bit_for_bit(groups):
     g = torch.Generator().manual_seed(1)
     x, s = torch.randint(V, (3, L), generator=g), torch.rand(3, generator=g)
     identity = torch.arange(L).repeat(3, 1)
-    assert torch.equal(causal((x, s)), sorted_((x, s, identity)))
+    assert torch.equal(causal((x, s)).logits(), sorted_((x, s, identity)).logits())
 
 
 def _bd3lm_mask(n: int) -> torch.Tensor:
@@ -143,7 +143,7 @@ def _changed_slots(model, inputs, column: int, slot: int) -> torch.Tensor:
     tokens, *rest = inputs
     changed = tokens.clone()
     changed[column, slot] = (changed[column, slot] + 1) % V
-    return (model((changed, *rest)) - model(inputs)).abs().amax(dim=-1)
+    return (model((changed, *rest)).logits() - model(inputs).logits()).abs().amax(dim=-1)
 
 
 @pytest.mark.parametrize("slot", [0, 5, L - 1])
@@ -181,10 +181,10 @@ def test_cached_windows_that_keep_their_clean_tokens_equal_the_full_causal_forwa
         tokens = torch.cat([final[:, window.start : start], drafts[:, start : window.stop]], 1)
         cached = decode(tokens, s, sigma[:, window], keep=previous)[:, previous:]
         state = torch.cat([final[:, :start], drafts[:, start:]], dim=1)
-        full = model((state, s, sigma))[:, start : start + count]
+        full = model((state, s, sigma)).logits()[:, start : start + count]
         assert (cached - full).abs().max() < TOLERANCE, start
         start, previous = start + count, count
-    full = model((final, s, sigma))
+    full = model((final, s, sigma)).logits()
     assert (denoiser.logits(final, s, sigma) - full).abs().max() < TOLERANCE
 
 

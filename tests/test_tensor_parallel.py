@@ -55,7 +55,7 @@ def _forward_backward(rank: int, world_size: int, groups, kind: str, out: Path) 
             p.add_(full.chunk(world_size, p.partition_dim)[rank] if split[name] else full)
     g = torch.Generator().manual_seed(0)
     inputs = _inputs(ATTENTION[kind], g)
-    logits = model(inputs)  # [B, L, V/tp] (sorted: [2B, L, V/tp], x-halves dropped)
+    logits = model(inputs).logits()  # [B, L, V/tp] (sorted: [2B, L, V/tp], x-halves dropped)
     weights = torch.randn(logits.shape[0], L, V, generator=g).chunk(world_size, -1)[rank]
     loss = (logits * weights).sum()
     loss.backward()

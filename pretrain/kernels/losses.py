@@ -1,11 +1,12 @@
-"""The losses' vocabulary statistics over vocabulary-parallel logits (docs/algorithms.md §4):
-the autograd functions, one per loss, the all-reduces over the tensor group, and the choice of
-backend (Triton kernels for CUDA tensors, their chunked PyTorch twins otherwise). The
-objectives' per-token algebra builds on these; there is no second implementation (the tests
-hold them to float64 references written from the formulas, tests/reference_losses.py).
+"""The head and the losses fused (docs/algorithms.md §4.8): logits only at the rows a loss
+reads, a block of rows at a time, never [tokens, V/tp] at once.
 
-Only per-token scalars are kept between the forward and the backward, which recomputes
-each block of probabilities from the logits; no [N, V] intermediate is ever built:
+A loss names its rows and its per-row terms (CrossEntropyTerms: AR, MDLM, Eso-LM;
+StatisticsTerms: Duo and GIDD). For each block of rows the head's matmul gives the block's
+logits [rows, V/tp] in the compute dtype; the vocabulary statistics are read from it, then,
+in training, the block is overwritten by the loss's gradient with respect to it and the two
+gradient matmuls consume it before the next block. The per-shard statistics and gradients
+are the backend's kernels (Triton on CUDA, their chunked PyTorch twins elsewhere):
 
     lse = log sum_j exp(l_j)          (per shard max and sum of exp, then all-reduced)
     cross-entropy: loss = lse - l_target,   dl_j = (p_j - [j = target]) g
@@ -13,18 +14,24 @@ each block of probabilities from the logits; no [N, V] intermediate is ever buil
          for an upstream gradient (gD, gx, gz) of (D, p_x, p_z):
          dl_j = gD g'(y_j) y_j - p_j (gD E + gx p_x + gz p_z) + gx p_x [j = x] + gz p_z [j = z]
 
-Non-real ids get probability zero. Under tensor parallelism every per-token partial is
-all-reduced over the group, here and only here; a backend computes one shard's partials.
-Rows are index tensors into the leading dimensions of the logits, which may be any strided
-view with contiguous columns (the head's transposed output): nothing is copied out.
+The training loss is the mean over the micro-batch's tokens, the last thing computed, so
+each row's upstream gradient g is known in the forward: the gradients are computed there,
+with the block's logits still in hand, and the backward only scales them by the incoming
+scalar. (Recomputing the logits in the backward instead would cost a third head matmul
+per row.) Non-real ids get probability zero. Under tensor parallelism every per-row partial
+is all-reduced over the group, here and only here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from dlm_pretrain.parallel.head import HeadInput
 from dlm_pretrain.pretrain.kernels import backend_name, chunked
 from torch import Tensor
 from torch.distributed import ProcessGroup
@@ -41,11 +48,9 @@ def backend(logits: Tensor) -> ModuleType:
     return triton_backend
 
 
-def all_rows(logits: Tensor) -> Rows:
-    """Every position of logits [..., W], as index tensors (row-major order)."""
-    grid = torch.meshgrid(
-        *(torch.arange(n, device=logits.device) for n in logits.shape[:-1]), indexing="ij"
-    )
+def all_rows(shape: tuple[int, ...], device: torch.device) -> Rows:
+    """Every position of a [*shape] grid, as index tensors (row-major order)."""
+    grid = torch.meshgrid(*(torch.arange(n, device=device) for n in shape), indexing="ij")
     return tuple(index.flatten() for index in grid)
 
 
@@ -60,10 +65,8 @@ def shard_start(width: int, group: ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group) * width
 
 
-def local_real(logits: Tensor, real: Tensor, group: ProcessGroup | None) -> Tensor:
-    """This shard's slice of the [V] real mask (on the logits' device).
-    logits [..., V/tp] -> [V/tp] bool"""
-    width = logits.shape[-1]
+def local_real(width: int, real: Tensor, group: ProcessGroup | None) -> Tensor:
+    """This shard's slice of `width` columns of the [V] real mask -> [V/tp] bool"""
     start = shard_start(width, group)
     return real[start : start + width]
 
@@ -85,83 +88,144 @@ def _logit_at(logits: Tensor, rows: Rows, local_ids: Tensor, group) -> Tensor:
     return _all_reduce(torch.where(here, picked, 0.0), group)
 
 
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, real, targets, group, *rows):
-        kernels = backend(logits)
-        shard_real, start = local_real(logits, real, group), shard_start(logits.shape[-1], group)
-        lse = _log_normaliser(kernels, logits, rows, shard_real, group)
-        loss = lse - _logit_at(logits, rows, targets - start, group)
-        ctx.save_for_backward(logits, shard_real, targets - start, lse, *rows)
-        ctx.kernels = kernels
+@dataclass(frozen=True)
+class CrossEntropyTerms:
+    """loss_i = CE_i / divisor_i at `rows` (index tensors into the head's [B, L])."""
+
+    rows: Rows
+    targets: Tensor  # [n] int64
+    divisor: Tensor  # [n] f32
+
+    def part(self, block: slice) -> CrossEntropyTerms:
+        return CrossEntropyTerms(
+            tuple(r[block] for r in self.rows), self.targets[block], self.divisor[block]
+        )
+
+    def losses(self, kernels, logits, real, group, start, scale) -> Tensor:
+        """[c] f32 from the block's logits; with `scale` (1 / tokens) the block is overwritten
+        by d(scale · sum of the losses)/d logits."""
+        rows = (torch.arange(len(logits), device=logits.device),)
+        lse = _log_normaliser(kernels, logits, rows, real, group)
+        local = self.targets - start
+        loss = (lse - _logit_at(logits, rows, local, group)) / self.divisor
+        if scale is not None:
+            grad = scale / self.divisor
+            kernels.cross_entropy_backward(logits, rows, real, lse, local, grad, logits)
         return loss
+
+
+@dataclass(frozen=True)
+class StatisticsTerms:
+    """loss_i = combine(D_i, x̂_i[x_i], x̂_i[z_i], r=r_i, **params_i) at `rows`: the
+    vocabulary-wide statistics of Duo's algebra with y = r x̂ (see the module); `combine`
+    is the objective's per-row algebra, float64."""
+
+    rows: Rows
+    x_ids: Tensor  # [n] int64
+    z_ids: Tensor  # [n] int64
+    r: Tensor  # [n] f64
+    params: dict[str, Tensor]  # each [n]
+    combine: Callable[..., Tensor]
+
+    def part(self, block: slice) -> StatisticsTerms:
+        return StatisticsTerms(
+            tuple(r[block] for r in self.rows),
+            self.x_ids[block],
+            self.z_ids[block],
+            self.r[block],
+            {k: v[block] for k, v in self.params.items()},
+            self.combine,
+        )
+
+    def losses(self, kernels, logits, real, group, start, scale) -> Tensor:
+        rows = (torch.arange(len(logits), device=logits.device),)
+        lse = _log_normaliser(kernels, logits, rows, real, group)
+        d, e = _all_reduce(kernels.duo_sums(logits, rows, real, lse, self.r), group)
+        x_local, z_local = self.x_ids - start, self.z_ids - start
+        p_x = (_logit_at(logits, rows, x_local, group) - lse).double().exp()
+        p_z = (_logit_at(logits, rows, z_local, group) - lse).double().exp()
+        if scale is None:
+            return self.combine(d, p_x, p_z, r=self.r, **self.params).float()
+        with torch.enable_grad():
+            stats = [v.requires_grad_() for v in (d, p_x, p_z)]
+            loss = self.combine(*stats, r=self.r, **self.params)
+            g_d, g_x, g_z = torch.autograd.grad(loss.sum() * scale, stats)
+        kernels.duo_backward(
+            logits,
+            rows,
+            real,
+            lse,
+            self.r,
+            logits,
+            grad_d=g_d,
+            common=g_d * e + g_x * p_x + g_z * p_z,
+            at_x=(x_local, g_x * p_x),
+            at_z=(z_local, g_z * p_z),
+        )
+        return loss.detach().float()
+
+
+Terms = CrossEntropyTerms | StatisticsTerms
+BLOCK_BYTES = 64 * 2**20  # a block of rows' logits, float32 [rows, V/tp], stays under this
+
+
+def rows_per_block(width: int) -> int:
+    return max(1, BLOCK_BYTES // (4 * width))
+
+
+def row_losses(head: HeadInput, terms: Terms, real: Tensor) -> Tensor:
+    """Each row's loss, [n] f32, without gradients (validation, evaluation)."""
+    with torch.no_grad():
+        return _fused(head, terms, real, tokens=None)[0]
+
+
+def mean_loss(head: HeadInput, terms: Terms, real: Tensor, tokens: int) -> Tensor:
+    """sum of the rows' losses / `tokens`, a scalar f32 differentiable in the head's input
+    and parameters (the training loss)."""
+    return _MeanLoss.apply(head.hidden, head.weight, head.bias, head, terms, real, tokens)
+
+
+class _MeanLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head, terms, real, tokens):
+        loss, grads = _fused(head, terms, real, tokens)
+        ctx.save_for_backward(*grads)
+        return loss.double().sum().div(tokens).float()
 
     @staticmethod
     def backward(ctx, grad):
-        logits, shard_real, local_targets, lse, *rows = ctx.saved_tensors
-        out = torch.zeros_like(logits)  # rows not selected have no gradient
-        ctx.kernels.cross_entropy_backward(logits, rows, shard_real, lse, local_targets, grad, out)
-        return out, None, None, None, *(None for _ in rows)
+        scaled = (g * grad.to(g.dtype) for g in ctx.saved_tensors)
+        return *scaled, None, None, None, None
 
 
-def cross_entropy(
-    logits: Tensor,
-    real: Tensor,
-    targets: Tensor,
-    rows: Rows,
-    group: ProcessGroup | None = None,
-) -> Tensor:
-    """-log x̂[targets] over the real ids at the selected rows.
-    logits [..., V/tp] bf16|f32; rows, targets [n] -> [n] f32"""
-    return _CrossEntropy.apply(logits, real, targets, group, *rows)
-
-
-class _DuoStatistics(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, real, x0, xt, r, group):
-        kernels = backend(logits)
-        shard_real, start = local_real(logits, real, group), shard_start(logits.shape[-1], group)
-        rows = all_rows(logits)
-        lse = _log_normaliser(kernels, logits, rows, shard_real, group)
-        sums = _all_reduce(kernels.duo_sums(logits, rows, shard_real, lse, r), group)  # D, E
-        p_x = (_logit_at(logits, rows, x0 - start, group) - lse).double().exp()
-        p_z = (_logit_at(logits, rows, xt - start, group) - lse).double().exp()
-        ctx.save_for_backward(logits, shard_real, x0 - start, xt - start, r, lse, sums[1], p_x, p_z)
-        ctx.kernels, ctx.rows = kernels, rows
-        return sums[0], p_x, p_z
-
-    @staticmethod
-    def backward(ctx, grad_d, grad_x, grad_z):
-        logits, shard_real, x_local, z_local, r, lse, e, p_x, p_z = ctx.saved_tensors
-        out = torch.empty_like(logits)
-        ctx.kernels.duo_backward(
-            logits,
-            ctx.rows,
-            shard_real,
-            lse,
-            r,
-            out,
-            grad_d=grad_d,
-            common=grad_d * e + grad_x * p_x + grad_z * p_z,
-            at_x=(x_local, grad_x * p_x),
-            at_z=(z_local, grad_z * p_z),
-        )
-        return out, None, None, None, None, None
-
-
-def duo_statistics(
-    logits: Tensor,
-    real: Tensor,
-    x0: Tensor,
-    xt: Tensor,
-    r: Tensor,
-    group: ProcessGroup | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(D, x̂[x0], x̂[xt]) float64 for Duo's per-token algebra, differentiable.
-
-    logits [..., V/tp] bf16|f32; x0, xt, r [...] (r = K alpha / (1 - alpha), float64)
-    -> three [...] float64
-    """
-    flat = (x0.flatten(), xt.flatten(), r.flatten())
-    d, p_x, p_z = _DuoStatistics.apply(logits, real, *flat, group)
-    return d.view(x0.shape), p_x.view(x0.shape), p_z.view(x0.shape)
+def _fused(head: HeadInput, terms: Terms, real: Tensor, tokens: int | None):
+    """(row losses [n] f32, and with `tokens` the gradients of their sum / tokens with respect
+    to hidden, weight and bias), a block of rows at a time (see the module)."""
+    hidden, group = head.hidden.detach(), head.group
+    dtype = hidden.dtype
+    weight, bias = head.weight.detach().to(dtype), head.bias.detach().to(dtype)
+    kernels = backend(hidden)
+    width = weight.shape[0]
+    shard_real, start = local_real(width, real, group), shard_start(width, group)
+    inputs = hidden[terms.rows]  # [n, d], a copy (index tensors)
+    n, scale = len(inputs), None if tokens is None else 1.0 / tokens
+    losses = []
+    if scale is not None:
+        grad_inputs = torch.zeros(inputs.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros(head.weight.shape, dtype=torch.float32, device=hidden.device)
+        grad_bias = torch.zeros(head.bias.shape, dtype=torch.float32, device=hidden.device)
+    step = rows_per_block(width)
+    for lo in range(0, n, step):
+        block = slice(lo, lo + step)
+        logits = F.linear(inputs[block], weight, bias)  # [c, V/tp], as HeadInput.logits_at
+        losses.append(terms.part(block).losses(kernels, logits, shard_real, group, start, scale))
+        if scale is not None:  # logits now hold the gradient with respect to themselves
+            grad_inputs[block] = (logits @ weight).float()
+            grad_weight += (logits.t() @ inputs[block]).float()
+            grad_bias += logits.float().sum(0)
+    loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+    if scale is None:
+        return loss, ()
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    grad_hidden = grad_hidden.index_put_(terms.rows, grad_inputs).to(dtype)
+    return loss, (grad_hidden, grad_weight, grad_bias)

@@ -1,7 +1,8 @@
 """Autoregressive next-token prediction (docs/algorithms.md §3.5, §4.7, §9.4): causal,
 no noise, s = 0.
 
-The model sees all L tokens; position l predicts x0[l + 1], so L - 1 tokens are scored.
+The model sees all L tokens; position l predicts x0[l + 1], so L - 1 tokens are scored (the
+head runs on those rows only).
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from dlm_pretrain.pretrain.kernels.losses import all_rows, cross_entropy
+from dlm_pretrain.pretrain.kernels.losses import CrossEntropyTerms, all_rows
 from dlm_pretrain.pretrain.objectives.draws import Samples, categorical, denoiser
 from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
-from torch.distributed import ProcessGroup
 
 if TYPE_CHECKING:  # pretrain.config imports this package
     from dlm_pretrain.pretrain.config import SamplingConfig
@@ -35,19 +35,18 @@ class AR(Objective):
         """Constant 0 (the adaLN parameters still exist, docs/pitfalls.md P21)."""
         return torch.zeros_like(t)
 
-    def per_token_loss(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        xt: Tensor,
-        t: Tensor,
-        vocab: Vocab,
-        tp_group: ProcessGroup | None = None,
-    ) -> Tensor:
-        """Next-token NLL, the exact NLL (also the validation figure). -> [B, L-1] f32"""
-        rows = all_rows(logits[:, :-1])  # every position but the last, row-major
-        loss = cross_entropy(logits, vocab.real, x0[:, 1:].reshape(-1), rows, tp_group)
-        return loss.view(x0.shape[0], x0.shape[1] - 1)
+    def scored_share(self, seq_len: int) -> float:
+        return (seq_len - 1) / seq_len
+
+    def loss_shape(self, x0: Tensor) -> tuple[int, int]:
+        return x0.shape[0], x0.shape[1] - 1
+
+    def head_terms(self, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> CrossEntropyTerms:
+        """Next-token NLL, the exact NLL (also the validation figure): every position but the
+        last, which predicts nothing (the head skips it)."""
+        rows = all_rows(self.loss_shape(x0), x0.device)
+        targets = x0[:, 1:].reshape(-1)
+        return CrossEntropyTerms(rows, targets, torch.ones(len(targets), device=x0.device))
 
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int

@@ -16,16 +16,17 @@ into functions that are small where their arguments are,
     loss = alpha' / (K alpha) * B
 
 The per-token algebra runs in float64; D is summed block by block in float64 by the loss
-kernels (pretrain.kernels.losses.duo_statistics), with no [B, L, V] temporary.
+kernels (pretrain.kernels.losses.StatisticsTerms), with no [B, L, V] temporary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from dlm_pretrain.pretrain.kernels.losses import duo_statistics
+from dlm_pretrain.pretrain.kernels.losses import StatisticsTerms, all_rows
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
 from dlm_pretrain.pretrain.objectives.draws import (
     T_MIN,
@@ -39,7 +40,6 @@ from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
 from dlm_pretrain.pretrain.objectives.schedule import alpha, alpha_prime, sigma
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
-from torch.distributed import ProcessGroup
 
 if TYPE_CHECKING:  # pretrain.config imports this package
     from dlm_pretrain.pretrain.config import SamplingConfig
@@ -60,31 +60,31 @@ class Duo(Objective):
         """Duo is conditioned on sigma_t = -log alpha_t."""
         return sigma(t)
 
-    def per_token_loss(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        xt: Tensor,
-        t: Tensor,
-        vocab: Vocab,
-        tp_group: ProcessGroup | None = None,
-    ) -> Tensor:
-        """Uniform-state ELBO per token (also the validation figure); x0 must hold real ids.
-        -> [B, L] f32"""
+    def head_terms(self, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> StatisticsTerms:
+        """Uniform-state ELBO per token at every position (also the validation figure); x0
+        must hold real ids."""
         k = vocab.num_real
-        a = alpha(t.double()).unsqueeze(1)  # [B, 1] f64
+        a = alpha(t.double()).unsqueeze(1).expand(x0.shape)  # [B, L] f64
+        scale = alpha_prime(t.double()).unsqueeze(1) / (k * a)
         r = k * a / (1 - a)
-        d, p_x, p_z = duo_statistics(logits, vocab.real, x0, xt, r.expand(x0.shape), tp_group)
+        params = {"a": a, "same": x0 == xt, "scale": scale}
+        flat = {name: v.flatten() for name, v in params.items()}
+        rows = all_rows(tuple(x0.shape), x0.device)
+        bracket = partial(self.bracket, k=k)
+        return StatisticsTerms(rows, x0.flatten(), xt.flatten(), r.flatten(), flat, bracket)
+
+    @staticmethod
+    def bracket(d, p_x, p_z, r, a, same, scale, k) -> Tensor:
+        """alpha' / (K alpha) B of the module's algebra, per row, float64."""
         y_x, y_z = r * p_x, r * p_z
         log1p_r = torch.log1p(r)
         h_z = y_z / (1 + y_z) - torch.log1p(y_z)
         m = (1 + r) * log1p_r - r
         differ = k * h_z / (1 - a) - m + r * torch.log1p(y_x) + d
-        same = k * (1 / (1 + r) - 1 / (1 + y_x)) / (1 - a) + (
+        same_value = k * (1 / (1 + r) - 1 / (1 + y_x)) / (1 - a) + (
             (k - 1) * log1p_r - k * torch.log1p(y_x) + r + d
         ) / (1 + r)
-        bracket = torch.where(x0 == xt, same, differ)
-        return (alpha_prime(t.double()).unsqueeze(1) / (k * a) * bracket).float()
+        return scale * torch.where(same, same_value, differ)
 
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int

@@ -83,6 +83,12 @@ class EsoLM(MDLM):
     def sequential_share(self) -> float:
         return 1 - float(self.split)
 
+    def scored_share(self, seq_len: int) -> float:
+        """The masks: 1 - alpha_0 E[alpha_t] on diffusion rows, 1 - alpha_0 on sequential ones."""
+        split = float(self.split)
+        diffusion = 1 - self.alpha_0 * (1 - super().scored_share(seq_len))
+        return split * diffusion + (1 - split) * (1 - self.alpha_0)
+
     def check_micro_batch(self, micro_batch: int) -> None:
         n, d = self.split.numerator, self.split.denominator
         if micro_batch % d:

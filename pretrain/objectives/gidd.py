@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 from dlm_pretrain.common.errors import ConfigError
-from dlm_pretrain.pretrain.kernels.losses import duo_statistics
+from dlm_pretrain.pretrain.kernels.losses import StatisticsTerms, all_rows
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
 from dlm_pretrain.pretrain.objectives.draws import Samples, categorical, denoiser, final_step
 from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
 from dlm_pretrain.pretrain.objectives.schedule import EPS
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
-from torch.distributed import ProcessGroup
 
 if TYPE_CHECKING:  # pretrain.config imports this package
     from dlm_pretrain.pretrain.config import ObjectiveConfig, SamplingConfig
@@ -113,29 +112,32 @@ class GIDD(Objective):
         """GIDD is conditioned on t itself."""
         return t
 
-    def per_token_loss(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        xt: Tensor,
-        t: Tensor,
-        vocab: Vocab,
-        tp_group: ProcessGroup | None = None,
-    ) -> Tensor:
-        """The weighted KL + IS per token, over the real ids. -> [B, L] f32"""
+    def head_terms(self, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> StatisticsTerms:
+        """The weighted KL + IS per token at every position, over the real ids."""
         mix = self.mixing(t.unsqueeze(1), vocab.num_real)  # [B, 1]
-        r = mix.alpha / mix.uniform
+        r = (mix.alpha / mix.uniform).expand(x0.shape)
         masked, clean = xt == vocab.mask_id, xt == x0
         # the mask's own logit is never read: a masked token's IS term is 0 whatever x̂_z is
         z = torch.where(masked, x0, xt)
-        d, p_x, p_z = duo_statistics(logits, vocab.real, x0, z, r.expand(x0.shape), tp_group)
+        params = {
+            "uniform": mix.uniform.expand(x0.shape),
+            "masked": masked,
+            "clean": clean,
+            "weight": self._weights(mix, masked, clean, vocab.num_real),
+        }
+        flat = {name: v.flatten() for name, v in params.items()}
+        rows = all_rows(tuple(x0.shape), x0.device)
+        return StatisticsTerms(rows, x0.flatten(), z.flatten(), r.flatten(), flat, self.divergence)
+
+    @staticmethod
+    def divergence(d, p_x, p_z, r, uniform, masked, clean, weight) -> Tensor:
+        """weight (KL + IS) of the module's algebra, per row, float64."""
         y_x, y_z = r * p_x, r * p_z
         log1p_r, log1p_y_x = torch.log1p(r), torch.log1p(y_x)
-        kl = mix.uniform * ((1 + r) * log1p_r - r - r * log1p_y_x - d)
+        kl = uniform * ((1 + r) * log1p_r - r - r * log1p_y_x - d)
         is_clean = (r - y_x) / (1 + y_x) - log1p_r + log1p_y_x
         is_uniform = torch.log1p(y_z) - y_z / (1 + y_z)
-        divergence = kl + torch.where(masked, 0.0, torch.where(clean, is_clean, is_uniform))
-        return (self._weights(mix, masked, clean, vocab.num_real) * divergence).float()
+        return weight * (kl + torch.where(masked, 0.0, torch.where(clean, is_clean, is_uniform)))
 
     def _weights(self, mix: Mixing, masked: Tensor, clean: Tensor, num_real: int) -> Tensor:
         """The training weights of loss_weighting, f64 [B, L]. "Clean" is z = x, uniform noise

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from dlm_pretrain.common.errors import ConfigError
-from dlm_pretrain.pretrain.kernels.losses import cross_entropy
+from dlm_pretrain.pretrain.kernels.losses import CrossEntropyTerms
 from dlm_pretrain.pretrain.objectives.corruption import corrupt
 from dlm_pretrain.pretrain.objectives.draws import (
     T_MIN,
@@ -25,10 +25,9 @@ from dlm_pretrain.pretrain.objectives.draws import (
     host_uniform,
 )
 from dlm_pretrain.pretrain.objectives.objective import Denoiser, Objective
-from dlm_pretrain.pretrain.objectives.schedule import alpha
+from dlm_pretrain.pretrain.objectives.schedule import EPS, alpha
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
-from torch.distributed import ProcessGroup
 
 if TYPE_CHECKING:  # pretrain.config imports this package
     from dlm_pretrain.pretrain.config import ObjectiveConfig, SamplingConfig
@@ -61,28 +60,20 @@ class MDLM(Objective):
         """MDLM is not time-conditioned: s = 0 (docs/pitfalls.md P21)."""
         return torch.zeros_like(t)
 
-    def per_token_loss(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        xt: Tensor,
-        t: Tensor,
-        vocab: Vocab,
-        tp_group: ProcessGroup | None = None,
-    ) -> Tensor:
-        """CE of the masked tokens, each divided by its row's `_divisor`. -> [B, L] f32"""
-        masked = xt == vocab.mask_id
-        rows = masked.nonzero(as_tuple=True)  # host sync: the masked tokens' count
-        ce = cross_entropy(logits, vocab.real, x0[rows], rows, tp_group)  # carry-over: masked only
-        divisor = self._divisor(t)
-        if divisor is not None:
-            ce = ce / divisor[rows[0]]
-        return torch.zeros(masked.shape, device=logits.device).index_put(rows, ce)
+    def scored_share(self, seq_len: int) -> float:
+        """E[1 - alpha_t] = (1 - eps) E[t] over t uniform in [eps, t_max): about one half."""
+        return (1 - EPS) * (EPS + self.t_max) / 2
 
-    def _divisor(self, t: Tensor) -> Tensor | None:
+    def head_terms(self, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> CrossEntropyTerms:
+        """CE of the masked tokens, each divided by its row's `_divisor`: the head runs on the
+        masked rows only (unmasked tokens score 0, carry-over)."""
+        rows = (xt == vocab.mask_id).nonzero(as_tuple=True)  # host sync: the masked count
+        return CrossEntropyTerms(rows, x0[rows], self._divisor(t)[rows[0]])
+
+    def _divisor(self, t: Tensor) -> Tensor:
         """What a row's masked CE is divided by: t for the ELBO (alpha'/(1 - alpha) = -1/t),
-        nothing for cross_entropy. [B] -> [B] f32 or None"""
-        return t.float() if self.loss_type == "elbo" else None
+        1 for cross_entropy. [B] -> [B] f32"""
+        return t.float() if self.loss_type == "elbo" else torch.ones_like(t, dtype=torch.float32)
 
     def sample(
         self, model: Denoiser, vocab: Vocab, cfg: SamplingConfig, seq_len: int, start_id: int

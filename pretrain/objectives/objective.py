@@ -3,13 +3,14 @@
 An objective is a frozen dataclass whose fields are its options (the noise seed, MDLM's
 loss_type); the trainer, validation, sampling, the smoke check and the FLOPs accounting use
 only this interface, so adding an objective touches none of them. Shapes (docs/algorithms.md
-§1): x0, xt [B, L] int64 token ids; t [B] f32 in [eps, 1); logits are this rank's vocabulary
-shard [B, L, V/tp] and `tp_group` the tensor-parallel group that holds the other shards
-(None: the whole vocabulary).
+§1): x0, xt [B, L] int64 token ids; t [B] f32 in [eps, 1); the losses take the last stage's
+HeadInput (the head's input and this rank's vocabulary shard of the head, with its tensor
+group) and compute logits only at the rows they read.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,10 +19,11 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import torch
 from dlm_pretrain.common.errors import ConfigError
 from dlm_pretrain.parallel.config import AttentionSpec
+from dlm_pretrain.parallel.head import HeadInput
+from dlm_pretrain.pretrain.kernels.losses import Terms, mean_loss, row_losses
 from dlm_pretrain.pretrain.objectives.draws import Samples
 from dlm_pretrain.pretrain.objectives.vocab import Vocab
 from torch import Tensor
-from torch.distributed import ProcessGroup
 
 if TYPE_CHECKING:  # pretrain.config imports this package
     from dlm_pretrain.pretrain.config import ObjectiveConfig, SamplingConfig
@@ -64,6 +66,11 @@ class Objective(ABC):
         """The share of rows whose blocks run 2L tokens (Eso-LM's sequential branch), for the
         FLOPs accounting."""
         return 0.0
+
+    def scored_share(self, seq_len: int) -> float:
+        """The expected share of a sequence's positions the loss reads, where the head runs
+        (the FLOPs accounting): every one by default."""
+        return 1.0
 
     def refuse_final_step(self, cfg: SamplingConfig) -> None:
         """Families without a last step (has_final_step False: AR and Eso-LM decode each token
@@ -116,32 +123,41 @@ class Objective(ABC):
         """The scalar s the adaLN conditioning sees. [B] -> [B]"""
 
     @abstractmethod
+    def head_terms(self, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab) -> Terms:
+        """The rows the loss reads (the head runs only there) and its per-row terms
+        (pretrain.kernels.losses), rows indexing the per-token grid `loss_shape`."""
+
+    def loss_shape(self, x0: Tensor) -> tuple[int, int]:
+        """[B, L'] of the per-token losses: L' = L, or L - 1 where the last position predicts
+        nothing."""
+        return tuple(x0.shape)
+
     def per_token_loss(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        xt: Tensor,
-        t: Tensor,
-        vocab: Vocab,
-        tp_group: ProcessGroup | None = None,
+        self, head: HeadInput, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab
     ) -> Tensor:
-        """The training loss per token. logits [B, L, V/tp] bf16|f32 -> [B, L'] f32 (L' = L,
-        or L - 1 where the last position predicts nothing); the token mean is the loss."""
+        """The training loss per token, 0 where the loss reads nothing, without gradients
+        (validation and evaluation). head: the last stage's HeadInput, this rank's
+        vocabulary shard -> [B, L'] f32"""
+        terms = self.head_terms(x0, xt, t, vocab)
+        losses = torch.zeros(self.loss_shape(x0), device=x0.device)
+        return losses.index_put_(terms.rows, row_losses(head, terms, vocab.real))
+
+    def train_loss(
+        self, head: HeadInput, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab
+    ) -> Tensor:
+        """The token mean of per_token_loss, differentiable (docs/algorithms.md §4.0): the
+        head's logits exist a block of rows at a time, with their gradient."""
+        terms = self.head_terms(x0, xt, t, vocab)
+        return mean_loss(head, terms, vocab.real, math.prod(self.loss_shape(x0)))
 
     def validation_loss(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        xt: Tensor,
-        t: Tensor,
-        vocab: Vocab,
-        tp_group: ProcessGroup | None = None,
+        self, head: HeadInput, x0: Tensor, xt: Tensor, t: Tensor, vocab: Vocab
     ) -> Tensor:
         """The per-token bound whose mean is the validation figure (the ELBO; the exact NLL
         for AR): the training loss with `elbo_options`, whatever the run trains on
         (docs/pitfalls.md P18)."""
         bound = replace(self, **self.elbo_options)
-        return bound.per_token_loss(logits, x0, xt, t, vocab, tp_group)
+        return bound.per_token_loss(head, x0, xt, t, vocab)
 
     def scored_sum(self, losses: Tensor, scored: Tensor) -> Tensor:
         """Per-row sum of the per-token `losses` [B', L'] over the `scored` positions [B', L]
