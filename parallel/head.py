@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -30,8 +30,14 @@ class HeadInput:
         """The head on rows of `hidden` [..., d] in its dtype (the compute dtype, as the
         blocks' matmuls; docs/algorithms.md §5.5) -> [..., V/tp]."""
         dtype = hidden.dtype
-        return F.linear(hidden, self.weight.to(dtype), self.bias.to(dtype))
+        return head_logits(hidden, self.weight.to(dtype), self.bias.to(dtype))
 
     def logits(self) -> Tensor:
         """Every position's logits [B, L, V/tp]: for sampling and evaluation, never training."""
         return self.logits_at(self.hidden)
+
+
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """hidden [..., d] @ weight [V, d]ᵀ + bias, all in one dtype: the matmul, then the bias,
+    as megatron's linear layers compute it (an addmm rounds differently on some backends)."""
+    return torch.matmul(hidden, weight.t()) + bias

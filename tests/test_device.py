@@ -39,7 +39,7 @@ ALLOWED = {
     ("d2h", "pretrain/trainer.py:<genexpr>"),  # samples to text
     ("d2h", "pretrain/objectives/mdlm.py:sample"),  # "anything left to reveal?", per step
     ("sync", "pretrain/objectives/mdlm.py:sample"),  # the masked positions' x̂, per forward
-    ("sync", "pretrain/objectives/mdlm.py:per_token_loss"),  # the masked tokens' count
+    ("sync", "pretrain/objectives/mdlm.py:head_terms"),  # the masked tokens' count
 }
 
 

@@ -30,8 +30,7 @@ from types import ModuleType
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from dlm_pretrain.parallel.head import HeadInput
+from dlm_pretrain.parallel.head import HeadInput, head_logits
 from dlm_pretrain.pretrain.kernels import backend_name, chunked
 from torch import Tensor
 from torch.distributed import ProcessGroup
@@ -217,7 +216,7 @@ def _fused(head: HeadInput, terms: Terms, real: Tensor, tokens: int | None):
     step = rows_per_block(width)
     for lo in range(0, n, step):
         block = slice(lo, lo + step)
-        logits = F.linear(inputs[block], weight, bias)  # [c, V/tp], as HeadInput.logits_at
+        logits = head_logits(inputs[block], weight, bias)  # [c, V/tp]
         losses.append(terms.part(block).losses(kernels, logits, shard_real, group, start, scale))
         if scale is not None:  # logits now hold the gradient with respect to themselves
             grad_inputs[block] = (logits @ weight).float()
