@@ -4,8 +4,11 @@ a CPU tensor meeting a device tensor raises (as on CUDA) and every transfer betw
 device is recorded with the function of ours that asked for it.
 
 A whole run (training, validation, samples, checkpoints, resume) on that device equals the
-CPU run bit for bit and transfers only where this file allows it; through DeepSpeed's 1F1B
-schedule on two pipeline stages, a training step copies nothing but its micro-batches.
+CPU run to float32 rounding (1e-6: since the head and the loss are fused, one step in six
+differs in the last bit, a reduction rounding differently under the fake device's dispatch;
+the fused path alone is bitwise equal there) and transfers only where this file allows it;
+through DeepSpeed's 1F1B schedule on two pipeline stages, a training step copies nothing but
+its micro-batches.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ def test_a_run_on_the_device_equals_the_cpu_run_and_transfers_only_where_allowed
         for steps in (4, 6):  # then resumed from the step-4 checkpoint
             cfg = _config(dataset, tmp_path / "device", f"train.steps={steps}", *extra)
             trainer.run(cfg, FAKE)
-    assert _losses(tmp_path / "device") == _losses(tmp_path / "cpu")
+    device, cpu = _losses(tmp_path / "device"), _losses(tmp_path / "cpu")
+    assert device.keys() == cpu.keys()
+    assert all(abs(device[k] - cpu[k]) <= 1e-6 * abs(cpu[k]) for k in cpu), (device, cpu)
     made = Counter((t.kind, t.where) for t in transfers.ours())
     assert set(made) <= ALLOWED, set(made) - ALLOWED
     assert made["d2h", "pretrain/trainer.py:run"] == 6
@@ -95,7 +100,7 @@ def _pipeline_steps(rank: int, world_size: int, dataset: Path, run_dir: Path) ->
     # stage also counts MDLM's masked tokens (a sync)
     expected = {("h2d", "data_pipeline/reader.py:<genexpr>"): 3 * micro_batches}
     if r.groups.pp_rank == 1:
-        expected["sync", "pretrain/objectives/mdlm.py:per_token_loss"] = micro_batches
+        expected["sync", "pretrain/objectives/mdlm.py:head_terms"] = micro_batches
         assert all(loss.device == DEVICE for loss in losses)
     assert made == expected, (r.groups.pp_rank, made)
 
