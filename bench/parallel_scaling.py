@@ -100,9 +100,9 @@ def _worker(size: str, seq_len: int, steps: int, out: Path) -> None:
     cfg = ModelConfig.preset(size, vocab_size=VOCAB, seq_len=seq_len)
     vocab = Vocab.build(VOCAB, mask_id=4)
 
-    def loss_fn(logits, labels):
+    def loss_fn(head, labels):
         tokens, t = labels
-        return AR().per_token_loss(logits, tokens, tokens, t, vocab, groups.tp_group).mean()
+        return AR().train_loss(head, tokens, tokens, t, vocab)
 
     model = build_pipeline(cfg, groups, AR().attention_spec(), loss_fn=loss_fn)
     train = TrainConfig(global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, steps=steps)

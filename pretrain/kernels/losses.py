@@ -225,8 +225,8 @@ def _fused(head: HeadInput, terms: Terms, real: Tensor, tokens: int | None):
     loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
     if scale is None:
         return loss, ()
-    # in the hidden's own memory layout (the last stage's [L, B, d] seen as [B, L, d]), so the
-    # gradient reaches the layers below as contiguous as without the fusion
-    grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
+    # contiguous: megatron's tensor-group all-reduce of this gradient (the head input's copy
+    # region) reduces a non-contiguous gradient into a temporary and drops the result
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_hidden = grad_hidden.index_put_(terms.rows, grad_inputs).to(dtype)
     return loss, (grad_hidden, grad_weight, grad_bias)
