@@ -138,7 +138,7 @@ def main() -> None:
     def ours(objective, xt, block_bytes):
         clear()
         losses.BLOCK_BYTES = block_bytes
-        head = HeadInput(hidden.view(*shape, d), weight, bias, None)
+        head = HeadInput(hidden.view(shape[1], shape[0], d), weight, bias, None)  # [L, B, d]
         objective.train_loss(head, x0.view(shape), xt.view(shape), t_seq, vocab).backward()
 
     cases = {

@@ -83,7 +83,7 @@ def check_kernels(runtime: Runtime) -> list[Check]:
     g = torch.Generator(device=device).manual_seed(0)
     checks = []
     for dtype, grad_tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
-        hidden = torch.randn(8, tokens // 8, HEAD_DIM[device.type], generator=g, device=device)
+        hidden = torch.randn(tokens // 8, 8, HEAD_DIM[device.type], generator=g, device=device)
         for name in ("cross-entropy", "duo"):
             label = f"kernel head+{name} {str(dtype).removeprefix('torch.')}"
             fn = _loss_and_grad(name, hidden.to(dtype), vocab, g)
@@ -105,11 +105,11 @@ def _real_ids(vocab: Vocab, shape, g: torch.Generator) -> Tensor:
 
 
 def _loss_and_grad(name: str, hidden: Tensor, vocab: Vocab, g: torch.Generator) -> Callable:
-    """A head drawn once (hidden [8, l, d] in its dtype, weight [V, d], bias [V]) with labels
+    """A head drawn once (hidden [l, 8, d] in its dtype, weight [V, d], bias [V]) with labels
     (t from 1e-3 to 1, xt == x0 for half the tokens); each call: the fused head+loss's
     per-token losses and the gradients of the training loss (the token mean) with respect to
     the hidden states and the weight. `name`: "cross-entropy" (AR) or "duo"."""
-    device, (rows, length, d) = g.device, hidden.shape
+    device, (length, rows, d) = g.device, hidden.shape
     objective = AR() if name == "cross-entropy" else Duo()
     weight = torch.randn(vocab.size, d, generator=g, device=device) / d**0.5
     bias = torch.randn(vocab.size, generator=g, device=device)

@@ -17,14 +17,22 @@ class HeadInput:
 
     A loss computes logits only at the rows it reads, a block of rows at a time
     (pretrain.kernels.losses), so [tokens, V/tp] logits never exist in training.
-    hidden [B, L, d] in the compute dtype (already the tensor group's input copy, whose
-    gradient is all-reduced); weight [V/tp, d], bias [V/tp] float32 parameters.
+    hidden [L, B, d] in the compute dtype, megatron's sequence-first layout (already the
+    tensor group's input copy, whose gradient is all-reduced: it must stay contiguous, as
+    megatron reduces a non-contiguous gradient into a temporary); weight [V/tp, d],
+    bias [V/tp] float32 parameters.
     """
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor
     group: ProcessGroup | None
+
+    @staticmethod
+    def index(rows: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Index tensors into [B, L] (a loss's rows) as indices into hidden's [L, B]."""
+        batch, position = rows
+        return position, batch
 
     def logits_at(self, hidden: Tensor) -> Tensor:
         """The head on rows of `hidden` [..., d] in its dtype (the compute dtype, as the
@@ -34,7 +42,7 @@ class HeadInput:
 
     def logits(self) -> Tensor:
         """Every position's logits [B, L, V/tp]: for sampling and evaluation, never training."""
-        return self.logits_at(self.hidden)
+        return self.logits_at(self.hidden).transpose(0, 1)
 
 
 def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

@@ -304,9 +304,9 @@ class OutputStage(nn.Module):
         return self.head_input(x, cond)
 
     def head_input(self, x: Tensor, cond: Tensor) -> HeadInput:
-        """x [l, B, d] f32, cond [B, c] -> the head's input [B, l, d] in the compute dtype."""
+        """x [l, B, d] f32, cond [B, c] -> the head's input [l, B, d] in the compute dtype."""
         shift, scale = self.modulation(cond).chunk(2, dim=-1)
-        hidden = _modulate(self.norm(x), shift, scale).to(self.compute_dtype).transpose(0, 1)
+        hidden = _modulate(self.norm(x), shift, scale).to(self.compute_dtype)
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
         return HeadInput(hidden, self.head.weight, self.head.bias, self.tp_group)
 

@@ -109,10 +109,10 @@ def test_unknown_backend_is_refused_with_the_fix(monkeypatch):
 
 
 def _head(case: str, seed: int, dtype=torch.float32) -> tuple[HeadInput, tuple]:
-    """A random head (hidden [B, L, d], weight [V, d], bias [V], leaves) and its labels."""
+    """A random head (hidden [L, B, d], weight [V, d], bias [V], leaves) and its labels."""
     g = torch.Generator().manual_seed(seed)
     _, *labels = noised_inputs(case, seed, VOCAB, shape=(B, L))
-    hidden = torch.randn(B, L, 16, generator=g).to(dtype).requires_grad_()
+    hidden = torch.randn(L, B, 16, generator=g).to(dtype).requires_grad_()
     weight = (torch.randn(V, 16, generator=g) / 2).requires_grad_()
     bias = torch.randn(V, generator=g).requires_grad_()
     return HeadInput(hidden, weight, bias, None), labels
@@ -129,7 +129,7 @@ def test_fused_head_and_loss_equal_the_materialised_logits(kernels, case, monkey
     head, labels = _head(case, 5)
     fused = objective.train_loss(head, *labels, VOCAB)
     fused_grads = torch.autograd.grad(fused, (head.hidden, head.weight, head.bias))
-    logits = F.linear(head.hidden, head.weight, head.bias)  # [B, L, V]
+    logits = F.linear(head.hidden, head.weight, head.bias)  # [L, B, V]
     whole = HeadInput(logits, torch.eye(V), torch.zeros(V), None)
     materialised = objective.train_loss(whole, *labels, VOCAB)
     grads = torch.autograd.grad(materialised, (head.hidden, head.weight, head.bias))
@@ -146,6 +146,7 @@ def test_the_head_runs_only_on_the_rows_a_loss_reads(case):
     unread = xt != VOCAB.mask_id
     if case == "ar":  # its last position predicts nothing
         unread = torch.zeros_like(xt, dtype=torch.bool).index_fill_(1, torch.tensor(L - 1), True)
+    unread = unread.t()  # as the hidden's [L, B]
     hidden = head.hidden.detach().masked_fill(unread.unsqueeze(-1), float("nan"))
     hidden.requires_grad_()
     loss = CASES[case].train_loss(replace(head, hidden=hidden), x0, xt, t, VOCAB)

@@ -84,13 +84,15 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def logits_head(logits, group=None) -> HeadInput:
-    """A head whose logits are `logits` [B, L, V] exactly: hidden = the logits (a leaf), and
-    this rank's rows of the identity (with a zero bias) as the head, so the gradient with
-    respect to the hidden is the one with respect to the logits (summed over the ranks)."""
+    """A head whose logits are `logits` [B, L, V] exactly: hidden = the logits in the head's
+    [L, B, V] layout (a leaf), and this rank's rows of the identity (with a zero bias) as the
+    head, so the gradient with respect to the hidden is the one with respect to the logits
+    (summed over the ranks)."""
     width = logits.shape[-1] // (1 if group is None else group.size())
     start = 0 if group is None else dist.get_rank(group) * width
     eye = torch.eye(logits.shape[-1])[start : start + width]
-    return HeadInput(logits.clone().requires_grad_(), eye, torch.zeros(width), group)
+    hidden = logits.transpose(0, 1).contiguous().requires_grad_()
+    return HeadInput(hidden, eye, torch.zeros(width), group)
 
 
 def loss_and_grad(objective, logits, x0, xt, t, vocab, group=None):
@@ -98,7 +100,7 @@ def loss_and_grad(objective, logits, x0, xt, t, vocab, group=None):
     head = logits_head(logits, group)
     loss = objective.per_token_loss(head, x0, xt, t, vocab)
     objective.train_loss(head, x0, xt, t, vocab).backward()
-    return loss, head.hidden.grad
+    return loss, head.hidden.grad.transpose(0, 1)
 
 
 def reference_loss_and_grad(reference, logits, x0, xt, t, vocab):

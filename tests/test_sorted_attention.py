@@ -194,9 +194,9 @@ def _through_stages(rank: int, world_size: int, out: Path) -> None:
     groups = init_process_groups(ParallelConfig(pipeline=world_size), Runtime.detect())
     for name, attention in (("diffusion", DIFFUSION), ("both", BOTH)):
         model = _model(groups, attention)
-        logits = forward_through_stages(model, _inputs(attention, seed=4), CFG, groups)
-        if logits is not None:
-            torch.save(logits, out / f"{name}.pt")
+        head = forward_through_stages(model, _inputs(attention, seed=4), CFG, groups)
+        if head is not None:
+            torch.save(head.logits(), out / f"{name}.pt")
 
 
 @pytest.mark.slow  # two processes
@@ -204,7 +204,7 @@ def test_positions_cross_two_pipeline_stages(groups, tmp_path):
     run_distributed(_through_stages, 2, tmp_path)
     for name, attention in (("diffusion", DIFFUSION), ("both", BOTH)):
         model = _model(groups, attention)
-        one = forward_through_stages(model, _inputs(attention, seed=4), CFG, groups)
+        one = forward_through_stages(model, _inputs(attention, seed=4), CFG, groups).logits()
         two = torch.load(tmp_path / f"{name}.pt")
         assert one.shape == (2 + 3 * attention.sequential_rows, L, V)
         assert (one - two).abs().max() < TOLERANCE, name

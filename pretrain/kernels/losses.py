@@ -206,7 +206,8 @@ def _fused(head: HeadInput, terms: Terms, real: Tensor, tokens: int | None):
     kernels = backend(hidden)
     width = weight.shape[0]
     shard_real, start = local_real(width, real, group), shard_start(width, group)
-    inputs = hidden[terms.rows]  # [n, d], a copy (index tensors)
+    index = head.index(terms.rows)
+    inputs = hidden[index]  # [n, d], a copy (index tensors)
     n, scale = len(inputs), None if tokens is None else 1.0 / tokens
     losses = []
     if scale is not None:
@@ -225,8 +226,7 @@ def _fused(head: HeadInput, terms: Terms, real: Tensor, tokens: int | None):
     loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
     if scale is None:
         return loss, ()
-    # contiguous: megatron's tensor-group all-reduce of this gradient (the head input's copy
-    # region) reduces a non-contiguous gradient into a temporary and drops the result
+    # contiguous, as HeadInput requires of the hidden's gradient
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    grad_hidden = grad_hidden.index_put_(terms.rows, grad_inputs).to(dtype)
+    grad_hidden = grad_hidden.index_put_(index, grad_inputs).to(dtype)
     return loss, (grad_hidden, grad_weight, grad_bias)
