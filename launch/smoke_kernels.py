@@ -73,8 +73,9 @@ def check_kernels(runtime: Runtime) -> list[Check]:
     broken kernel is off by O(1); the tolerances leave room for float32 in another summation
     order: values 1e-5 (the tests' bound against float64); float32 gradients 1e-3, as Duo's
     near t = 1e-3 is a difference of terms near r p >> 1 (each backend is within 1e-4 of
-    float64 at V = 32001); bf16 gradients 1e-2, each backend's float32 rounded to bf16 (one
-    ulp is 2^-8)."""
+    float64 at V = 32001); bf16 gradients 5e-2: each backend's float32 logit gradient is
+    rounded to bf16 (one ulp is 2^-8) and summed by the head's bf16 matmuls, where entries
+    rounded the other way add up in rows whose sum cancels (seen up to 1.5e-2 on CPU)."""
     device = runtime.device
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return [Check("kernels", SKIP, "CPU without TRITON_INTERPRET=1 (set it before starting)")]
@@ -82,7 +83,7 @@ def check_kernels(runtime: Runtime) -> list[Check]:
     vocab = Vocab.build(v, mask_id=4, never_in_data=(3, v - 1)).to(device)
     g = torch.Generator(device=device).manual_seed(0)
     checks = []
-    for dtype, grad_tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
+    for dtype, grad_tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
         hidden = torch.randn(tokens // 8, 8, HEAD_DIM[device.type], generator=g, device=device)
         for name in ("cross-entropy", "duo"):
             label = f"kernel head+{name} {str(dtype).removeprefix('torch.')}"
